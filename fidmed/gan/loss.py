@@ -1,0 +1,236 @@
+"""The StyleGAN2 loss: non-saturating logistic loss, R1 and path-length regularisation, style mixing.
+
+Re-implements stylegan2-ada-pytorch's ``training/loss.py`` (``StyleGAN2Loss``) without its DDP and
+``training_stats`` plumbing: ``accumulate_gradients`` runs one phase, calls ``backward()`` itself (so gradients
+accumulate over calls, as the reference's per-GPU rounds do) and returns detached scalars for logging.
+
+Phases (the training loop picks them; "lazy regularisation" runs the 'reg' phases every k-th minibatch with
+``gain = k``):
+
+- 'Gmain': ``softplus(-D(G(z)))``.
+- 'Greg': path-length penalty ``(|J^T y| - a)^2 * pl_weight`` on ``batch / pl_batch_shrink`` samples, where J is
+  the Jacobian of the image w.r.t. the w latents, y unit-variance image noise and ``a`` the running mean
+  ``pl_mean`` of the lengths.
+- 'Dmain': ``softplus(D(G(z))) + softplus(-D(x))``.
+- 'Dreg': R1 penalty ``|grad_x D(x)|^2 * r1_gamma / 2`` on real images.
+- 'Gboth', 'Dboth': main and reg in one call.
+
+Every image D sees passes through ``augment_pipe`` first. R1 differentiates D's output with respect to the
+real image *before* augmentation, through the augmentation (create_graph=True, a double backward), which is
+what the reference does and what makes R1 correct under ADA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fidmed.gan.networks import Discriminator, Generator
+
+PHASES = ("Gmain", "Greg", "Gboth", "Dmain", "Dreg", "Dboth")
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Temporarily stop ``module``'s parameters from requiring gradients, then restore each flag.
+
+    The reference training loop freezes the network that is not being trained; doing it here keeps the G
+    phases from writing gradients into D and the D phases from building a graph through G, whatever the caller
+    did.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _head(c: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if c is None else c[:n]
+
+
+class StyleGAN2Loss(torch.nn.Module):
+    """StyleGAN2 losses for a ``Generator`` G and ``Discriminator`` D.
+
+    An ``nn.Module`` only to own the buffer ``pl_mean`` (the running mean of path lengths), so that checkpoints
+    and ``.to(device)`` carry it: register this object as a submodule of the training module. G, D and
+    ``augment_pipe`` are held as plain references, not submodules, so they do not appear twice in a state dict.
+
+    ``augment_pipe`` is any differentiable callable on image batches (or None). The network being trained must
+    have ``requires_grad=True`` parameters; the other one is frozen for the duration of each call.
+    """
+
+    def __init__(
+        self,
+        G: Generator,
+        D: Discriminator,
+        augment_pipe: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        style_mixing_prob: float = 0.9,
+        r1_gamma: float = 8.2,
+        pl_batch_shrink: int = 2,
+        pl_decay: float = 0.01,
+        pl_weight: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self._refs = (G, D, augment_pipe)  # a tuple: nn.Module does not register what is inside it
+        self.style_mixing_prob = style_mixing_prob
+        self.r1_gamma = r1_gamma
+        self.pl_batch_shrink = pl_batch_shrink
+        self.pl_decay = pl_decay
+        self.pl_weight = pl_weight
+        self.register_buffer("pl_mean", torch.zeros([]))
+
+    @property
+    def G(self) -> Generator:
+        return self._refs[0]
+
+    @property
+    def D(self) -> Discriminator:
+        return self._refs[1]
+
+    @property
+    def augment_pipe(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._refs[2]
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate images with style mixing; return (images, ws).
+
+        With probability ``style_mixing_prob`` the ws from a uniformly drawn index in [1, num_ws) on come from a
+        second, independent z (without updating ``w_avg``). The random draws happen in the reference's order.
+        """
+        ws = self.G.mapping(z, c)
+        if self.style_mixing_prob > 0:
+            num_ws = ws.shape[1]
+            cutoff = torch.empty([], dtype=torch.int64, device=ws.device).random_(1, num_ws)
+            mix = torch.rand([], device=ws.device) < self.style_mixing_prob
+            cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, num_ws))
+            ws[:, cutoff:] = self.G.mapping(torch.randn_like(z), c, skip_w_avg_update=True)[:, cutoff:]
+        return self.G.synthesis(ws), ws
+
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """D's logits for (augmented) images."""
+        if self.augment_pipe is not None:
+            img = self.augment_pipe(img)
+        return self.D(img, c)
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def accumulate_gradients(
+        self,
+        phase: str,
+        real_img: torch.Tensor,
+        real_c: torch.Tensor | None,
+        gen_z: torch.Tensor,
+        gen_c: torch.Tensor | None,
+        gain: float,
+    ) -> dict[str, torch.Tensor]:
+        """Run one phase, accumulate ``gain``-scaled gradients into the trained network, return statistics.
+
+        Returned (only those the phase computes), all detached: 'Loss/G/loss', 'Loss/G/reg', 'Loss/pl_penalty',
+        'Loss/D/loss', 'Loss/D/reg', 'Loss/r1_penalty', 'Loss/scores/fake', 'Loss/signs/fake',
+        'Loss/scores/real', 'Loss/signs/real' (batch means) and 'real_logits' (``[N, 1]``, for ADA's controller).
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; use one of {PHASES}")
+        do_Gmain = phase in ("Gmain", "Gboth")
+        do_Dmain = phase in ("Dmain", "Dboth")
+        do_Gpl = phase in ("Greg", "Gboth") and self.pl_weight != 0
+        do_Dr1 = phase in ("Dreg", "Dboth") and self.r1_gamma != 0
+        stats: dict[str, torch.Tensor] = {}
+
+        if do_Gmain or do_Gpl:
+            with _frozen(self.D):
+                if do_Gmain:
+                    self._generator_main(gen_z, gen_c, gain, stats)
+                if do_Gpl:
+                    self._path_length(gen_z, gen_c, gain, stats)
+        if do_Dmain or do_Dr1:
+            with _frozen(self.G):
+                self._discriminator(real_img, real_c, gen_z, gen_c, gain, do_Dmain, do_Dr1, stats)
+        return stats
+
+    def _generator_main(
+        self, gen_z: torch.Tensor, gen_c: torch.Tensor | None, gain: float, stats: dict[str, torch.Tensor]
+    ) -> None:
+        """Gmain: make D call the generated images real."""
+        gen_img, _ = self.run_G(gen_z, gen_c)
+        gen_logits = self.run_D(gen_img, gen_c)
+        loss = F.softplus(-gen_logits)  # -log(sigmoid(logits))
+        loss.mean().mul(gain).backward()
+        stats["Loss/scores/fake"] = gen_logits.detach().mean()
+        stats["Loss/signs/fake"] = gen_logits.detach().sign().mean()
+        stats["Loss/G/loss"] = loss.detach().mean()
+
+    def _path_length(
+        self, gen_z: torch.Tensor, gen_c: torch.Tensor | None, gain: float, stats: dict[str, torch.Tensor]
+    ) -> None:
+        """Greg: keep |J^T y| (image change per unit change of w, in a random image direction) constant."""
+        batch_size = gen_z.shape[0] // self.pl_batch_shrink
+        gen_img, gen_ws = self.run_G(gen_z[:batch_size], _head(gen_c, batch_size))
+        # Noise scaled so that the expected length does not depend on the image resolution.
+        pl_noise = torch.randn_like(gen_img) / math.sqrt(gen_img.shape[2] * gen_img.shape[3])
+        (pl_grads,) = torch.autograd.grad(outputs=[(gen_img * pl_noise).sum()], inputs=[gen_ws], create_graph=True)
+        pl_lengths = pl_grads.square().sum(2).mean(1).sqrt()
+        if self.pl_mean.device != pl_lengths.device:
+            self.pl_mean = self.pl_mean.to(pl_lengths.device)
+        pl_mean = self.pl_mean.lerp(pl_lengths.mean(), self.pl_decay)
+        self.pl_mean.copy_(pl_mean.detach())
+        pl_penalty = (pl_lengths - pl_mean).square()
+        loss = pl_penalty * self.pl_weight
+        # `gen_img[:, 0, 0, 0] * 0` ties every synthesis parameter into the graph (the reference needs this for
+        # DDP's gradient sync); it changes no value.
+        (gen_img[:, 0, 0, 0] * 0 + loss).mean().mul(gain).backward()
+        stats["Loss/pl_penalty"] = pl_penalty.detach().mean()
+        stats["Loss/G/reg"] = loss.detach().mean()
+
+    def _discriminator(
+        self,
+        real_img: torch.Tensor,
+        real_c: torch.Tensor | None,
+        gen_z: torch.Tensor,
+        gen_c: torch.Tensor | None,
+        gain: float,
+        do_Dmain: bool,
+        do_Dr1: bool,
+        stats: dict[str, torch.Tensor],
+    ) -> None:
+        """Dmain and/or Dreg: call generated images fake and real images real; penalise D's gradient on reals."""
+        loss_Dgen = None
+        if do_Dmain:
+            gen_img, _ = self.run_G(gen_z, gen_c)
+            gen_logits = self.run_D(gen_img, gen_c)
+            loss_Dgen = F.softplus(gen_logits)  # -log(1 - sigmoid(logits))
+            loss_Dgen.mean().mul(gain).backward()
+            stats["Loss/scores/fake"] = gen_logits.detach().mean()
+            stats["Loss/signs/fake"] = gen_logits.detach().sign().mean()
+
+        # R1 differentiates with respect to the real images as they enter, before augmentation.
+        real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
+        real_logits = self.run_D(real_img_tmp, real_c)
+        stats["Loss/scores/real"] = real_logits.detach().mean()
+        stats["Loss/signs/real"] = real_logits.detach().sign().mean()
+        stats["real_logits"] = real_logits.detach()
+
+        loss_Dreal: torch.Tensor | float = 0.0
+        if do_Dmain:
+            loss_Dreal = F.softplus(-real_logits)  # -log(sigmoid(logits))
+            stats["Loss/D/loss"] = (loss_Dgen.detach() + loss_Dreal.detach()).mean()
+
+        loss_Dr1: torch.Tensor | float = 0.0
+        if do_Dr1:
+            (r1_grads,) = torch.autograd.grad(outputs=[real_logits.sum()], inputs=[real_img_tmp], create_graph=True)
+            r1_penalty = r1_grads.square().sum([1, 2, 3])
+            loss_Dr1 = r1_penalty * (self.r1_gamma / 2)
+            stats["Loss/r1_penalty"] = r1_penalty.detach().mean()
+            stats["Loss/D/reg"] = loss_Dr1.detach().mean()
+
+        (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()
