@@ -1,0 +1,202 @@
+"""StyleGAN2 training as a LightningModule with manual optimisation.
+
+One ``training_step`` is one iteration of stylegan2-ada-pytorch's training loop:
+
+1. the real minibatch (uint8 from the datamodule) becomes ``x = uint8 / 127.5 - 1``;
+2. the phases G main, G reg (every ``g_reg_interval`` steps), D main, D reg (every ``d_reg_interval``) each
+   zero their optimiser, accumulate gradients over chunks of ``batch_chunk`` images with ``gain = interval``,
+   replace NaN/Inf gradients (as the reference does) and step;
+3. the generator EMA is updated with ``beta = 0.5 ** (batch / (ema_kimg * 1000))``;
+4. the augmentation sees D's real logits and adjusts its probability (ADA/APA) after the minibatch.
+
+Lazy regularisation scales each optimiser as the reference does: ``lr * r`` and ``betas ** r`` with
+``r = interval / (interval + 1)``.
+
+Each phase draws its own latents, as the reference does. Gradients of a phase are averaged over its chunks
+(the reference sums chunk means on one GPU and averages across GPUs; Adam is invariant to the constant factor,
+so this only matters for ``eps``). The minibatch-std groups stay ``mbstd_group`` images whatever the chunk.
+
+Training length is counted in images shown to D (``images_seen``, a buffer, so it is saved and restored with
+every checkpoint); the step that reaches ``kimg * 1000`` ends training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from fidmed.augment import Augmentation
+from fidmed.gan.loss import StyleGAN2Loss
+from fidmed.gan.networks import build_networks
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'
+    module: str  # 'G' or 'D'
+    interval: int
+
+
+def training_phases(g_reg_interval: int | None, d_reg_interval: int | None) -> list[Phase]:
+    """The phases of one iteration, as stylegan2-ada-pytorch's training loop sets them up."""
+    phases: list[Phase] = []
+    for module, interval in (("G", g_reg_interval), ("D", d_reg_interval)):
+        if not interval:
+            phases.append(Phase(module + "both", module, 1))
+        else:
+            phases += [Phase(module + "main", module, 1), Phase(module + "reg", module, int(interval))]
+    return phases
+
+
+def network_kwargs(model_cfg: Any, resolution: int, channels: int) -> dict[str, Any]:
+    """Arguments of :func:`fidmed.gan.networks.build_networks` from the ``model`` config group."""
+    return dict(
+        resolution=int(resolution),
+        channels=int(channels),
+        z_dim=int(model_cfg.z_dim),
+        w_dim=int(model_cfg.w_dim),
+        mapping_layers=int(model_cfg.mapping_layers),
+        channel_base=int(model_cfg.channel_base),
+        channel_max=int(model_cfg.channel_max),
+        num_fp16_res=int(model_cfg.num_fp16_res),
+        conv_clamp=None if model_cfg.conv_clamp is None else float(model_cfg.conv_clamp),
+        mbstd_group=int(model_cfg.mbstd_group),
+    )
+
+
+class StyleGAN2Module(L.LightningModule):
+    """G, D, G_ema, the loss and the augmentation; see the module docstring for one step."""
+
+    def __init__(self, model_cfg: Any, resolution: int, channels: int, augmentation: Augmentation | None = None,
+                 kimg: float = 1.0, log_every_steps: int = 10) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_cfg = model_cfg
+        self.net_kwargs = network_kwargs(model_cfg, resolution, channels)
+        self.G, self.D = build_networks(**self.net_kwargs)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.augment = augmentation if augmentation is not None else Augmentation()
+        self.loss = StyleGAN2Loss(
+            self.G, self.D, augment_pipe=self.augment,
+            style_mixing_prob=float(model_cfg.style_mixing_prob), r1_gamma=float(model_cfg.r1_gamma),
+            pl_batch_shrink=int(model_cfg.pl_batch_shrink), pl_decay=float(model_cfg.pl_decay),
+            pl_weight=float(model_cfg.pl_weight))
+        self.phases = training_phases(model_cfg.g_reg_interval, model_cfg.d_reg_interval)
+        self.batch_size = int(model_cfg.batch_size)
+        self.batch_chunk = int(model_cfg.batch_chunk or self.batch_size)
+        self.total_images = int(round(float(kimg) * 1000))
+        self.log_every_steps = max(1, int(log_every_steps))
+        self.register_buffer("images_seen", torch.zeros([], dtype=torch.int64))
+        self.register_buffer("iteration", torch.zeros([], dtype=torch.int64))
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def kimg(self) -> float:
+        return float(self.images_seen) / 1000.0
+
+    def configure_optimizers(self):
+        cfg = self.model_cfg
+        optimizers = []
+        for module, lr, interval in ((self.G, cfg.lr_g, cfg.g_reg_interval), (self.D, cfg.lr_d, cfg.d_reg_interval)):
+            ratio = interval / (interval + 1) if interval else 1.0
+            betas = tuple(float(b) ** ratio for b in cfg.betas)
+            optimizers.append(torch.optim.Adam(module.parameters(), lr=float(lr) * ratio, betas=betas,
+                                               eps=float(cfg.eps)))
+        return optimizers
+
+    def on_train_start(self) -> None:
+        # The networks train in train mode; G_ema only ever runs inference.
+        self.G_ema.eval()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        optimizers = {"G": opt_g, "D": opt_d}
+        modules = {"G": self.G, "D": self.D}
+        real = batch.to(torch.float32) / 127.5 - 1
+        batch_size = real.shape[0]
+        real_chunks = real.split(self.batch_chunk)
+        c = torch.zeros([batch_size, 0], device=real.device)
+        iteration = int(self.iteration)
+        logs: dict[str, float] = {}
+
+        for phase in self.phases:
+            if iteration % phase.interval != 0:
+                continue
+            gen_z = torch.randn([batch_size, self.G.z_dim], device=real.device)
+            opt = optimizers[phase.module]
+            opt.zero_grad(set_to_none=True)
+            modules[phase.module].requires_grad_(True)
+            chunks = list(zip(real_chunks, gen_z.split(self.batch_chunk), c.split(self.batch_chunk)))
+            for real_img, z, cc in chunks:
+                if phase.module == "D":
+                    real_img = self.augment.replace_reals(real_img, self._make_fakes)
+                out = self.loss.accumulate_gradients(phase=phase.name, real_img=real_img, real_c=cc, gen_z=z,
+                                                     gen_c=cc, gain=phase.interval / len(chunks))
+                if "real_logits" in out:
+                    self.augment.observe_real_logits(out.pop("real_logits"))
+                for key, value in out.items():
+                    logs[key] = float(value)
+            modules[phase.module].requires_grad_(False)
+            for param in modules[phase.module].parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
+            opt.step()
+
+        # Under DDP each rank holds batch/world images; EMA and kimg count the whole minibatch, as the
+        # reference does.
+        global_batch = batch_size * (self.trainer.world_size if self._trainer is not None else 1)
+        self._update_ema(global_batch)
+        self.images_seen += global_batch
+        self.iteration += 1
+        self.augment.end_minibatch(batch_size)  # this rank's images; the controller all-reduces across ranks
+
+        if iteration % self.log_every_steps == 0:
+            logs.update(self.augment.stats())
+            logs["Progress/kimg"] = self.kimg
+            self.log_dict(logs, on_step=True, prog_bar=False, logger=bool(self.trainer.loggers),
+                          batch_size=batch_size)
+        if int(self.images_seen) >= self.total_images:
+            self.trainer.should_stop = True
+
+    @torch.no_grad()
+    def _make_fakes(self, n: int) -> torch.Tensor:
+        """Detached generated images for APA (``Augmentation.replace_reals``)."""
+        z = torch.randn([n, self.G.z_dim], device=self.images_seen.device)
+        c = torch.zeros([n, 0], device=z.device)
+        return self.G(z, c).detach()
+
+    @torch.no_grad()
+    def _update_ema(self, batch_size: int) -> None:
+        ema_nimg = float(self.model_cfg.ema_kimg) * 1000
+        if self.model_cfg.ema_rampup is not None:
+            ema_nimg = min(ema_nimg, float(self.images_seen) * float(self.model_cfg.ema_rampup))
+        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, beta))
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    # ----------------------------------------------------------------------------------------------------
+    def generator_snapshot(self) -> dict[str, Any]:
+        """What evaluation needs of the trained model: G_ema's weights and how to build it.
+
+        Only tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it back
+        without executing anything.
+        """
+        return {
+            "format": "fidmed-generator-v1",
+            "G_ema": {k: v.detach().cpu() for k, v in self.G_ema.state_dict().items()},
+            "network_kwargs": dict(self.net_kwargs),
+            "kimg": self.kimg,
+            "images_seen": int(self.images_seen),
+        }
+
+
+def expected_steps(kimg: float, batch_size: int) -> int:
+    """Number of training steps to show ``kimg`` thousand images with minibatches of ``batch_size``."""
+    return int(math.ceil(float(kimg) * 1000 / batch_size))

@@ -1,0 +1,268 @@
+"""Training orchestration: fingerprinted training folders, a lock, resume, snapshots and progress.
+
+A training run is identified by its *fingerprint*: the sha256 of every setting that changes the trained weights
+(modality data settings, augmentation, model, training length, seed, precision). Its folder
+``<train_root>/<modality>-<augmentation>-<fingerprint[:12]>/`` holds ``checkpoints/last.ckpt`` (full state, for
+resume), ``checkpoints/network-snapshot-*.pt`` (G_ema, for evaluation), ``final.pt`` once training finished,
+and ``fingerprint.json``. Jobs that differ only in evaluation settings (``-m extractor=a,b``) compute the same
+fingerprint and reuse one generator; a job that finds another one training the same generator waits on the
+folder's lock instead of training it twice. A crashed run resumes from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from fidmed.errors import FidmedError
+from fidmed.gan.checkpoint import atomic_torch_save, snapshot_name
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_VERSION = 1
+# Settings that do not change the trained weights and so stay out of the fingerprint.
+_NON_WEIGHT_TRAINER_KEYS = {"snapshot_kimg", "eval_kimg", "log_every_steps", "num_workers", "benchmark"}
+_NON_WEIGHT_MODALITY_KEYS = {"snapshot_kimg", "path_hint"}
+
+
+def fingerprint_record(cfg: Any) -> dict[str, Any]:
+    """The settings that define a trained generator."""
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    modality = {k: v for k, v in plain(cfg.modality).items() if k not in _NON_WEIGHT_MODALITY_KEYS}
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in _NON_WEIGHT_TRAINER_KEYS}
+    return {"version": FINGERPRINT_VERSION, "modality": modality, "augmentation": plain(effective_augmentation(cfg)),
+            "model": plain(cfg.model), "trainer": trainer, "seed": int(cfg.seed)}
+
+
+def effective_augmentation(cfg: Any) -> Any:
+    """The augmentation config with the modality's overrides applied (the study: ADA ``bgcfn`` and DiffAugment
+    ``color,translation`` for mri)."""
+    overrides = (cfg.modality.get("augmentation_overrides") or {}).get(cfg.augmentation.name) or {}
+    return OmegaConf.merge(cfg.augmentation, overrides)
+
+
+def training_fingerprint(cfg: Any) -> str:
+    text = json.dumps(fingerprint_record(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def train_dir_for(cfg: Any) -> Path:
+    fp = training_fingerprint(cfg)
+    return Path(cfg.paths.train_root) / f"{cfg.modality.name}-{cfg.augmentation.name}-{fp[:12]}"
+
+
+# --------------------------------------------------------------------------------------------------------
+class SnapshotCallback(L.Callback):
+    """Every ``every_kimg``: an atomic ``last.ckpt`` (resume point) and a G_ema snapshot (evaluation)."""
+
+    def __init__(self, folder: Path, every_kimg: float, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.every = max(1, int(round(float(every_kimg) * 1000)))
+        self.fingerprint = fingerprint
+        self._next: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        seen = int(pl_module.images_seen)
+        self._next = (seen // self.every + 1) * self.every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seen = int(pl_module.images_seen)
+        if seen >= self._next or trainer.should_stop:
+            self.save(trainer, pl_module)
+            self._next = (seen // self.every + 1) * self.every
+
+    def save(self, trainer, pl_module) -> Path:
+        ckpt = self.folder / "last.ckpt"
+        tmp = self.folder / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, ckpt)
+            snap = pl_module.generator_snapshot()
+            snap["fingerprint"] = self.fingerprint
+            atomic_torch_save(snap, self.folder / snapshot_name(pl_module.kimg))
+        trainer.strategy.barrier()
+        return ckpt
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        record = pl_module.generator_snapshot()
+        record["fingerprint"] = self.fingerprint
+        checkpoint["fidmed"] = record
+
+
+class KimgProgressBar(L.Callback):
+    """A progress bar in images shown to D (the unit of training length), with the latest losses."""
+
+    def __init__(self, total_images: int) -> None:
+        self.total = int(total_images)
+        self.bar = None
+        self._last = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._last = int(pl_module.images_seen)
+            self.bar = tqdm(total=self.total, initial=min(self._last, self.total), unit="img", desc="training",
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.bar is None:
+            return
+        seen = int(pl_module.images_seen)
+        self.bar.update(min(seen, self.total) - min(self._last, self.total))
+        self._last = seen
+        metrics = trainer.callback_metrics
+        post = {"kimg": f"{seen / 1000:.2f}"}
+        for key, short in (("Loss/G/loss", "G"), ("Loss/D/loss", "D"), ("augment/p", "p")):
+            if key in metrics:
+                post[short] = f"{float(metrics[key]):.3f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PeriodicEvaluation(L.Callback):
+    """FD of G_ema every ``every_kimg`` (fixed seeds), logged as ``fd/<extractor>`` and kept in a history."""
+
+    def __init__(self, every_kimg: float, evaluate: Callable[[torch.nn.Module, float], dict[str, float]],
+                 history_path: Path, log_images: Callable[[torch.nn.Module, float], None] | None = None) -> None:
+        self.every = max(1, int(round(float(every_kimg) * 1000)))
+        self.evaluate = evaluate
+        self.log_images = log_images
+        self.history_path = Path(history_path)
+        self._next: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        seen = int(pl_module.images_seen)
+        self._next = (seen // self.every + 1) * self.every
+        if seen == 0:
+            self._run(trainer, pl_module)  # the untrained generator: the starting point of the curve
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seen = int(pl_module.images_seen)
+        if seen >= self._next or trainer.should_stop:
+            self._run(trainer, pl_module)
+            self._next = (seen // self.every + 1) * self.every
+
+    def _run(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            kimg = pl_module.kimg
+            values = self.evaluate(pl_module.G_ema, kimg)
+            for logger in trainer.loggers:
+                logger.log_metrics({**values, "Progress/kimg": kimg}, step=trainer.global_step)
+            line = {"kimg": kimg, **values}
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            tqdm.write("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in line.items()))
+            if self.log_images is not None:
+                self.log_images(pl_module.G_ema, kimg)
+        trainer.strategy.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------
+def read_fd_history(train_dir: Path) -> list[dict[str, Any]]:
+    path = Path(train_dir) / "fd_history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
+                   lock_timeout: float = -1) -> Path:
+    """Train the generator that ``cfg`` describes, or reuse it if its fingerprint folder is finished.
+
+    Returns the path of the final G_ema snapshot (``final.pt``).
+    """
+    from fidmed.augment import build_augmentation
+    from fidmed.data.datamodule import ImageDataModule
+    from fidmed.gan.module import StyleGAN2Module
+
+    train_dir = train_dir_for(cfg)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = training_fingerprint(cfg)
+    final = train_dir / "final.pt"
+    lock = FileLock(str(train_dir / ".lock"))
+    if final.is_file():
+        log.info("reusing trained generator %s", final)
+        return final
+    try:
+        lock.acquire(timeout=0)
+    except Exception:
+        tqdm.write(f"another job is training {train_dir.name}; waiting for it to finish ...")
+        lock.acquire(timeout=lock_timeout)
+    try:
+        if final.is_file():  # the job we waited for finished it
+            log.info("reusing generator trained by a concurrent job: %s", final)
+            return final
+        (train_dir / "fingerprint.json").write_text(json.dumps(
+            {"fingerprint": fingerprint, **fingerprint_record(cfg)}, indent=2, default=str))
+        ckpt_dir = train_dir / "checkpoints"
+        last = ckpt_dir / "last.ckpt"
+        resume = None
+        if last.is_file():
+            resume = _check_resumable(last, fingerprint)
+            tqdm.write(f"resuming training from {last}")
+
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        augment = build_augmentation(effective_augmentation(cfg))
+        module = StyleGAN2Module(cfg.model, dataset.resolution, dataset.num_channels, augment,
+                                 kimg=float(cfg.trainer.kimg), log_every_steps=int(cfg.trainer.log_every_steps))
+        datamodule = ImageDataModule(dataset, batch_size=int(cfg.model.batch_size),
+                                     num_workers=int(cfg.trainer.num_workers), xflip=bool(cfg.modality.xflip),
+                                     seed=int(cfg.seed))
+        callbacks: list[L.Callback] = [
+            SnapshotCallback(ckpt_dir, float(cfg.trainer.snapshot_kimg), fingerprint),
+            KimgProgressBar(module.total_images),
+        ]
+        if evaluate_fn is not None and float(cfg.trainer.eval_kimg or 0) > 0:
+            callbacks.append(PeriodicEvaluation(float(cfg.trainer.eval_kimg), evaluate_fn,
+                                                train_dir / "fd_history.jsonl", images_fn))
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
+            max_epochs=-1, max_steps=-1, logger=tracker.lightning_logger, callbacks=callbacks,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            log_every_n_steps=int(cfg.trainer.log_every_steps), benchmark=bool(cfg.trainer.benchmark),
+            default_root_dir=str(train_dir), num_sanity_val_steps=0, use_distributed_sampler=False)
+        started = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        if trainer.is_global_zero:
+            if int(module.images_seen) < module.total_images:
+                raise FidmedError(f"training stopped at {module.kimg:.3f} kimg before reaching "
+                                  f"{cfg.trainer.kimg} kimg; run the same command again to resume from {last}.")
+            snap = module.generator_snapshot()
+            snap["fingerprint"] = fingerprint
+            snap["train_seconds"] = time.time() - started
+            atomic_torch_save(snap, final)
+        trainer.strategy.barrier()
+        return final
+    finally:
+        lock.release()
+
+
+def _check_resumable(last: Path, fingerprint: str) -> str:
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise FidmedError(f"cannot read checkpoint {last} ({exc}); delete it to start this training afresh.") from None
+    stored = (ckpt.get("fidmed") or {}).get("fingerprint")
+    if stored != fingerprint:
+        raise FidmedError(f"checkpoint {last} belongs to another training configuration (fingerprint "
+                          f"{str(stored)[:12]} != {fingerprint[:12]}); delete it or restore the settings it was "
+                          f"trained with.")
+    return str(last)

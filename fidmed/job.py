@@ -1,0 +1,192 @@
+"""One job of ``run.py``: train (or reuse) a generator, evaluate it, write results, always close the tracker.
+
+Order matters for users: every check that can fail without training (config values, dataset present,
+extractor weights available) runs before the first training step, so a job never trains for an hour and then
+stops for a missing weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+import fidmed
+from fidmed.errors import ConfigError, FidmedError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("all", "train", "evaluate")
+WEIGHT_MODES = ("pretrained", "random", "random_if_missing")
+
+
+def extractor_configs(cfg: Any) -> list[Any]:
+    """The selected extractors (``extractor=[a,b]`` puts one config per name under ``cfg.extractor``)."""
+    node = cfg.get("extractor")
+    if node is None or len(node) == 0:
+        raise ConfigError("no extractor selected; use extractor=inception_tf or extractor=[a,b].")
+    return [node[k] for k in node]
+
+
+def build_extractors(cfg: Any, announce=print) -> list[torch.nn.Module]:
+    """Build every selected extractor, checking all weights first.
+
+    ``eval.weights``: ``pretrained`` (default) never substitutes anything: missing weights offline stop the job
+    with the fix. ``random`` builds random-init extractors on purpose (plumbing tests). ``random_if_missing``
+    (the demo) uses real weights where present and a loudly labelled random-init network where not.
+    """
+    from fidmed.features.registry import build_extractor, check_weights_available
+
+    mode = str(cfg.eval.weights)
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"eval.weights={mode!r}; choose one of {', '.join(WEIGHT_MODES)}.")
+    ex_cfgs = extractor_configs(cfg)
+    weights_dir = cfg.paths.get("weights_dir")
+    allow_download = bool(cfg.eval.get("allow_download", True))
+    if mode == "random":
+        return [build_extractor(OmegaConf.merge(c, {"weights_source": "random"}), weights_dir=weights_dir,
+                                allow_random=True) for c in ex_cfgs]
+    status = check_weights_available(ex_cfgs, weights_dir=weights_dir, allow_download=allow_download,
+                                     raise_on_missing=(mode == "pretrained"))
+    invalid = [s for s in status.values() if s.state == "invalid"]
+    if invalid:  # a wrong hash is never papered over, not even by the demo
+        raise FidmedError("\n\n".join(f"[{s.name}] {s.message}" for s in invalid))
+    extractors = []
+    for c in ex_cfgs:
+        if status[c.name].ok:
+            extractors.append(build_extractor(c, weights_dir=weights_dir, allow_download=allow_download))
+        else:
+            announce(f"\n!! RANDOM-INIT extractor: no weights for '{c.name}' here:\n"
+                     f"{status[c.name].message}\n!! The demo continues with a random-init '{c.name}', labelled "
+                     f"RANDOM-INIT in the table, results.json and W&B; its FDs are NOT comparable to published "
+                     f"numbers. Install the weights (`fidmed weights list`) for real scores.\n")
+            extractors.append(build_extractor(OmegaConf.merge(c, {"weights_source": "random"}),
+                                              weights_dir=weights_dir, allow_random=True))
+    return extractors
+
+
+def check_config(cfg: Any) -> None:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}.")
+    if cfg.stage == "evaluate" and not cfg.get("generator"):
+        raise ConfigError("stage=evaluate needs generator=PATH (a network-snapshot-*.pt, final.pt or last.ckpt).")
+    if float(cfg.trainer.kimg) <= 0 and cfg.stage != "evaluate":
+        raise ConfigError(f"trainer.kimg={cfg.trainer.kimg}; training length must be > 0 kimg.")
+    for key in ("num_gen", "batch_size"):
+        if int(cfg.eval[key]) < 1:
+            raise ConfigError(f"eval.{key}={cfg.eval[key]} must be >= 1.")
+
+
+def quiet_libraries() -> None:
+    """Keep the console for fidmed's progress and results: Lightning's banners and known-harmless warnings off."""
+    import warnings
+
+    import lightning  # noqa: F401  (it sets its loggers' levels on import; set ours after)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # G_ema is in eval mode on purpose (it only runs inference).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # The loader is endless by design: training length is counted in images (trainer.kimg).
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str, Any]:
+    """The whole job. Returns the results payload (also written to ``<run_dir>/results.json``)."""
+    quiet_libraries()
+    from fidmed.data.datamodule import build_dataset
+    from fidmed.evaluation.evaluator import Evaluator
+    from fidmed.evaluation.results import format_results_table, results_table_rows, write_results_json
+    from fidmed.evaluation.sources import DatasetSource, GeneratorSource
+    from fidmed.gan.checkpoint import load_generator
+    from fidmed.gan.train import read_fd_history, train_dir_for, train_or_reuse, training_fingerprint
+    from fidmed.tracking import build_tracker, image_grid
+
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    torch.manual_seed(int(cfg.seed))
+    dataset = build_dataset(cfg.modality)
+    extractors = build_extractors(cfg)
+    real = DatasetSource(dataset, None if cfg.eval.num_real is None else int(cfg.eval.num_real))
+    if real.num > len(dataset):
+        raise FidmedError(f"eval.num_real={real.num} but the real set {getattr(dataset, 'name', '')} has only "
+                          f"{len(dataset)} images; lower eval.num_real or leave it null (all images).")
+    evaluator = Evaluator(extractors, real, cache_dir=cfg.paths.cache_dir, batch_size=int(cfg.eval.batch_size),
+                          device=cfg.eval.device, real_split_seed=int(cfg.eval.real_split_seed),
+                          metrics=list(cfg.eval.metrics))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = build_tracker(cfg.logger, run_dir, config, job_name)
+    exit_code = 1
+    try:
+        def evaluate_during_training(G, kimg):
+            gen = GeneratorSource(G, int(cfg.eval.num_gen_training), int(cfg.eval.seed_start),
+                                  float(cfg.eval.truncation_psi), str(cfg.eval.noise_mode), evaluator.device)
+            G.to(evaluator.device)
+            try:
+                recs = evaluator.evaluate(gen, desc=f"FD at {kimg:.2f} kimg")
+            finally:
+                G.to("cpu") if evaluator.device.type == "cpu" else None
+            return {f"{r.metric}/{r.label}": r.value for r in recs}
+
+        def log_grid(G, kimg):
+            if not cfg.logger.get("log_images", False):
+                return
+            gen = GeneratorSource(G, 16, 0, 1.0, "const", next(G.parameters()).device)
+            _, imgs = next(gen.batches(16))
+            tracker.log_images("samples", image_grid(imgs.numpy()), caption=f"G_ema at {kimg:.2f} kimg, seeds 0-15")
+
+        header: dict[str, Any] = {
+            "fidmed_version": fidmed.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_dir": str(run_dir), "stage": cfg.stage, "modality": cfg.modality.name,
+            "augmentation": cfg.augmentation.name, "model": cfg.model.name,
+            "host": {"python": platform.python_version(), "torch": torch.__version__,
+                     "device": str(evaluator.device), "platform": platform.platform()},
+        }
+        if cfg.stage in ("all", "train"):
+            final = train_or_reuse(cfg, dataset, tracker, evaluate_during_training, log_grid)
+            header["training"] = {"fingerprint": training_fingerprint(cfg), "train_dir": str(train_dir_for(cfg)),
+                                  "kimg": float(cfg.trainer.kimg),
+                                  "fd_history": read_fd_history(train_dir_for(cfg))}
+            generator_path = final
+        else:
+            generator_path = Path(str(cfg.generator))
+        records = []
+        if cfg.stage in ("all", "evaluate"):
+            G, record = load_generator(generator_path, evaluator.device)
+            if G.img_channels != dataset.num_channels:
+                raise FidmedError(f"the generator makes {G.img_channels}-channel images but the real set "
+                                  f"{getattr(dataset, 'name', '')} has {dataset.num_channels}; evaluate it against "
+                                  f"a modality with the same channels.")
+            header["generator"] = {"path": str(generator_path), "kimg": record.get("kimg"),
+                                   "fingerprint": record.get("fingerprint"), "source": record.get("source")}
+            gen = GeneratorSource(G, int(cfg.eval.num_gen), int(cfg.eval.seed_start), float(cfg.eval.truncation_psi),
+                                  str(cfg.eval.noise_mode), evaluator.device)
+            context = {"modality": cfg.modality.name, "augmentation": cfg.augmentation.name,
+                       "generator": str(generator_path), "kimg": record.get("kimg")}
+            records = evaluator.evaluate(gen, context=context)
+            log_grid(G, float(record.get("kimg") or 0))
+            print(format_results_table(records, title=f"fidmed results: {cfg.modality.name} / "
+                                                     f"{cfg.augmentation.name} / {cfg.model.name}"))
+            rows = results_table_rows(records)
+            tracker.log_table("results", rows)
+            tracker.summary({f"{r.metric}/{r.label}": r.value for r in records})
+        payload_path = write_results_json(run_dir / "results.json", records, header)
+        print(f"results: {payload_path}")
+        exit_code = 0
+        return json.loads(payload_path.read_text())
+    finally:
+        tracker.finish(exit_code)
+
+
+def report_error(exc: BaseException) -> None:
+    """One message, no stack trace, for mistakes a user can fix."""
+    print(f"\nfidmed: error: {exc}", file=sys.stderr)

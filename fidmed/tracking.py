@@ -1,0 +1,132 @@
+"""Experiment tracking behind one small interface: W&B (offline by default), CSV, or nothing.
+
+The Lightning trainer gets ``tracker.lightning_logger``; evaluation code logs through the tracker's methods so
+that it works the same with and without a trainer. ``finish()`` always runs (the job wrapper calls it in a
+``finally``), so a failed job closes its W&B run and the next job of a multirun starts its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """No-op base (``logger=none``)."""
+
+    name = "none"
+    lightning_logger: Any = False
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_images(self, key: str, grid: np.ndarray, step: int | None = None, caption: str = "") -> None:
+        pass
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class CSVTracker(Tracker):
+    name = "csv"
+
+    def __init__(self, run_dir: Path) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        self.lightning_logger = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.lightning_logger.log_metrics(metrics, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.lightning_logger.finalize("success" if exit_code == 0 else "failed")
+        self.lightning_logger.save()
+
+
+class WandbTracker(Tracker):
+    name = "wandb"
+
+    def __init__(self, cfg: Any, run_dir: Path, config: dict[str, Any], run_name: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = str(cfg.get("mode", "offline"))
+        if mode not in ("offline", "online", "disabled"):
+            from fidmed.errors import ConfigError
+            raise ConfigError(f"logger.mode={mode!r}; use offline (default), online (after `wandb login`) or disabled.")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.lightning_logger = WandbLogger(
+            save_dir=str(run_dir), project=cfg.get("project", "fidmed"), entity=cfg.get("entity"),
+            group=cfg.get("group"), tags=list(cfg.get("tags") or []), name=run_name, mode=mode,
+            offline=(mode == "offline"), config=config, log_model=False)
+        self._finished = False
+
+    @property
+    def run(self):
+        return self.lightning_logger.experiment
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.lightning_logger.log_metrics(metrics, step=step)
+
+    def log_images(self, key: str, grid: np.ndarray, step: int | None = None, caption: str = "") -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(grid, caption=caption)})
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        import wandb
+
+        if not rows:
+            return
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self.run.log({key: table})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code, quiet=True)
+
+
+def build_tracker(logger_cfg: Any, run_dir: str | os.PathLike, config: dict[str, Any], run_name: str) -> Tracker:
+    name = logger_cfg.get("name", "none") if logger_cfg is not None else "none"
+    run_dir = Path(run_dir)
+    if name == "wandb":
+        return WandbTracker(logger_cfg, run_dir, config, run_name)
+    if name == "csv":
+        return CSVTracker(run_dir)
+    if name == "none":
+        return Tracker()
+    from fidmed.errors import ConfigError
+    raise ConfigError(f"unknown logger {name!r}; use logger=wandb, logger=csv or logger=none.")
+
+
+def image_grid(images_uint8: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """NCHW uint8 -> one HWC uint8 grid (gray stays 1 channel)."""
+    n, c, h, w = images_uint8.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = images_uint8[i].transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
