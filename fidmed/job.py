@@ -153,6 +153,7 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         }
         if cfg.stage in ("all", "train"):
             final = train_or_reuse(cfg, dataset, tracker, evaluate_during_training, log_grid)
+            link_training_folder(run_dir, train_dir_for(cfg))
             header["training"] = {"fingerprint": training_fingerprint(cfg), "train_dir": str(train_dir_for(cfg)),
                                   "kimg": float(cfg.trainer.kimg),
                                   "fd_history": read_fd_history(train_dir_for(cfg))}
@@ -185,6 +186,17 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         return json.loads(payload_path.read_text())
     finally:
         tracker.finish(exit_code)
+
+
+def link_training_folder(run_dir: Path, train_dir: Path) -> None:
+    """``<run_dir>/training`` -> the shared training folder (checkpoints, snapshots, FD history)."""
+    link = Path(run_dir) / "training"
+    if link.is_symlink() or link.exists():
+        return
+    try:
+        link.symlink_to(Path(train_dir).resolve(), target_is_directory=True)
+    except OSError:  # file systems without symlinks: say where it is instead
+        (Path(run_dir) / "training.txt").write_text(f"{Path(train_dir).resolve()}\n")
 
 
 def report_error(exc: BaseException) -> None:

@@ -101,10 +101,9 @@ class WandbTracker(Tracker):
         if self._finished:
             return
         self._finished = True
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code, quiet=True)
+        run = getattr(self.lightning_logger, "_experiment", None)  # None if nothing was ever logged
+        if run is not None:
+            run.finish(exit_code=exit_code)
 
 
 def build_tracker(logger_cfg: Any, run_dir: str | os.PathLike, config: dict[str, Any], run_name: str) -> Tracker:

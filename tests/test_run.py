@@ -41,6 +41,7 @@ def test_smoke_job_trains_evaluates_and_labels_random_weights(tmp_path):
     train_dir = Path(results["training"]["train_dir"])
     assert (train_dir / "final.pt").is_file() and (train_dir / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "training" / "checkpoints" / "last.ckpt").is_file()  # link to the shared folder
 
     # Same training settings, other evaluation settings: the trained generator is reused, not retrained.
     mtime = (train_dir / "final.pt").stat().st_mtime_ns
@@ -75,14 +76,25 @@ def test_missing_generator_file_is_a_clear_error(tmp_path):
 
 def test_multirun_cartesian_product(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FIDMED_OFFLINE": "1", "WANDB_MODE": "offline"}
-    args = [sys.executable, str(REPO / "run.py"), "-m", *SMOKE, "seed=0,1", "trainer.kimg=0.016,0.032",
-            f"hydra.sweep.dir={tmp_path / 'multi'}", f"paths.root={tmp_path}"]
+    args = [sys.executable, str(REPO / "run.py"), "-m", "experiment=smoke", "logger=wandb", "seed=0,1",
+            "trainer.kimg=0.016,0.032", f"hydra.sweep.dir={tmp_path / 'multi'}", f"paths.root={tmp_path}"]
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert len(results) == 4
-    fingerprints = {json.loads(p.read_text())["training"]["fingerprint"] for p in results}
-    assert len(fingerprints) == 4
+    payloads = [json.loads(p.read_text()) for p in results]
+    assert len({p["training"]["fingerprint"] for p in payloads}) == 4
+    assert sorted(p["training"]["kimg"] for p in payloads) == [0.016, 0.016, 0.032, 0.032]
+    # one offline W&B run per job (none swallowed by another), each with its results table and sample grid,
+    # and each finished by its own job with exit code 0 (`wandb sync` uploads it later)
+    for job_dir in sorted((tmp_path / "multi").glob("[0-9]*")):
+        runs = list((job_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, job_dir
+        run = runs[0]
+        assert list(run.glob("*.wandb")) and list(run.glob("files/media/table/results_*.table.json"))
+        assert list(run.glob("files/media/images/samples_*.png"))
+        debug = (run / "logs" / "debug.log").read_text()
+        assert "finishing run" in debug and "got exitcode: 0" in debug
 
 
 def test_crashed_training_resumes_and_continues_the_kimg_counter(compose_cfg, monkeypatch):
