@@ -9,6 +9,7 @@ Lightning runs with ``max_steps``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fidmed.data.folder import ArrayImageDataset, ImageFolderDataset
 from fidmed.data.phantom import PhantomDataset
-from fidmed.errors import ConfigError
+from fidmed.errors import ConfigError, DataError
 
 DATASET_KINDS = ("phantom", "folder")
 
@@ -35,7 +36,8 @@ def build_dataset(modality_cfg: Mapping[str, Any]) -> ArrayImageDataset:
     """Dataset of a modality config (a dict or DictConfig; keys other than the dataset's are ignored).
 
     Keys: ``name``; ``kind`` = phantom | folder; ``resolution``; ``channels``; for phantom ``num_images`` and
-    ``data_seed`` (``seed`` is accepted when ``data_seed`` is absent); for folder ``path`` and optionally ``cache`` / ``cache_dir`` (see :class:`ImageFolderDataset`).
+    ``data_seed`` (``seed`` is accepted when ``data_seed`` is absent); for folder ``path`` and optionally ``cache`` /
+    ``cache_dir`` (see :class:`ImageFolderDataset`) and ``path_hint`` (the command that creates a missing ``path``).
     """
     kind = modality_cfg.get("kind")
     name = modality_cfg.get("name")
@@ -49,7 +51,12 @@ def build_dataset(modality_cfg: Mapping[str, Any]) -> ArrayImageDataset:
                               resolution=_require(modality_cfg, "resolution"),
                               seed=int(seed or 0), name=name or "phantom")
     if kind == "folder":
-        return ImageFolderDataset(str(_require(modality_cfg, "path")), resolution=modality_cfg.get("resolution"),
+        path = Path(str(_require(modality_cfg, "path"))).expanduser()
+        hint = modality_cfg.get("path_hint")
+        if hint and not path.is_dir():
+            raise DataError(f"modality {name!r}: the data folder {path} does not exist; prepare it with `{hint}` "
+                            f"(RAW = the downloaded dataset), or set modality.path to a prepared folder.")
+        return ImageFolderDataset(str(path), resolution=modality_cfg.get("resolution"),
                                   channels=modality_cfg.get("channels"), name=name,
                                   cache=modality_cfg.get("cache") or "auto", cache_dir=modality_cfg.get("cache_dir"))
     raise ConfigError(f"unknown dataset kind {kind!r} for modality {name!r}; modality.kind must be one of "

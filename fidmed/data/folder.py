@@ -42,6 +42,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Bump when the way files become arrays changes (mode conversions, file selection): it is part of the manifest.
 LOADER_VERSION = "folder-1"
 PREPARE_MANIFEST = "manifest.json"
+# `fidmed prepare` keeps its resume state here; present without PREPARE_MANIFEST = an unfinished preparation.
+PREPARE_STATE_DIRNAME = ".fidmed_prepare"
 CACHE_DIRNAME = ".fidmed_cache"
 CacheMode = Literal["auto", "memory", "disk", "none"]
 
@@ -200,6 +202,9 @@ class ImageFolderDataset(ArrayImageDataset):
             what = "is not a folder" if self.root.exists() else "does not exist"
             raise DataError(f"image folder {self.root} {what}; create it with `fidmed prepare <modality> --src ... "
                             f"--out {self.root}` or fix the modality's `path`.")
+        if (self.root / PREPARE_STATE_DIRNAME).is_dir() and not (self.root / PREPARE_MANIFEST).is_file():
+            raise DataError(f"{self.root} is an unfinished `fidmed prepare` output (interrupted, or still running: "
+                            f"no {PREPARE_MANIFEST} yet); re-run the same `fidmed prepare` command to finish it.")
         self.name = name or self.root.resolve().name
         self.files = list_image_files(self.root)
         if not self.files:
