@@ -5,6 +5,11 @@
     fidmed weights download [NAME ...]  download (when online) and verify
     fidmed import-generator PKL         convert a stylegan2-ada-pytorch network-snapshot-*.pkl to a fidmed .pt
                                         without running any code from the pickle
+    fidmed prepare xray|ct|mri|cardiac|dicom --src RAW --out DIR
+                                        the study's dataset preparation (8-bit PNGs + manifest.json)
+    fidmed vtt make | vtt score         build a blinded visual Turing test; score the raters' answers
+    fidmed collect RUNS... / analyze RESULTS --vtt SCORES / stats
+                                        tidy results table; FD-vs-human alignment report; the study's tests
 
 Mistakes a user can fix print one message (no stack trace) and exit with status 2.
 """
@@ -129,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["G_ema", "G"], default="G_ema",
                    help="which generator of the snapshot (the study evaluated G_ema)")
     p.set_defaults(func=cmd_import_generator)
+
+    from fidmed.analysis.cli import add_analysis_parsers
+    from fidmed.data.prepare.cli import add_prepare_parser
+
+    add_prepare_parser(sub)
+    add_analysis_parsers(sub)
     return parser
 
 

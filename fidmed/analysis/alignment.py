@@ -1,0 +1,446 @@
+"""Human alignment: do an extractor's FDs rank models the way human raters do? (REFERENCE.md section 6)
+
+Per modality and metric (FD, relative FD):
+
+* rankings: each extractor's model ranking (lowest FD = rank 1) next to the human rankings (most convincing
+  model = rank 1); ties get average ranks (``scipy.stats.rankdata(method='average')``).
+* correlations of the FD values with each human score over the models: Pearson, Spearman and Kendall (tau-b),
+  statistics and p-values straight from ``scipy.stats.pearsonr / spearmanr / kendalltau`` (two-sided), and
+  percentile bootstrap confidence intervals. The bootstrap resamples raters with replacement and, when the
+  answers are given image by image, also each model's real and generated images with replacement (the same images
+  for every rater, as they all saw the same images); the FDs stay fixed. Replicates whose correlation is undefined
+  (a constant resampled score) are counted in ``boot_undefined`` and left out of the interval.
+  Signs are raw: FD against FPR or KS p (higher = more convincing) should correlate negatively when an extractor
+  agrees with humans, FD against Diff or KS D positively; ``expected_sign`` says which.
+* agreement between extractors: pairwise Spearman and Kendall correlations of their FDs over the models, and
+  Kendall's coefficient of concordance W (with the tie correction) with its chi-square test, for all extractors
+  and for the ImageNet and RadImageNet groups.
+
+Nothing is dropped silently: missing modalities, extractors, metrics or models, duplicated results and NaN FDs are
+errors that list what is missing; results for models without human scores are kept in the rankings and listed in
+``notes``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from fidmed.analysis.scoring import (GENERATED, REAL, Answer, Criterion, KSTest, aggregate_scores,
+                                     answers_from_rows, check_score_rows, criteria_from_names,
+                                     DEFAULT_CRITERIA, rank_best_first, score_answers, score_rows_from_table)
+from fidmed.analysis.tabular import format_list, read_csv_rows
+from fidmed.errors import DataError, FidmedError
+
+METHODS = ("pearson", "spearman", "kendall")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human data
+
+@dataclass
+class HumanData:
+    """VTT results: image-level answers (bootstrap over raters and images) or per-rater scores (raters only)."""
+
+    scores: list[dict[str, Any]]
+    answers: list[Answer] | None = None
+
+    @property
+    def bootstrap_unit(self) -> str:
+        return "raters+images" if self.answers is not None else "raters"
+
+    def models(self) -> dict[str, list[str]]:
+        out: dict[str, set[str]] = defaultdict(set)
+        for s in self.scores:
+            out[s["modality"]].add(s["model"])
+        return {m: sorted(v) for m, v in sorted(out.items())}
+
+
+def human_from_answers(answers: Sequence[Answer]) -> HumanData:
+    return HumanData(scores=[s.to_dict() for s in score_answers(answers)], answers=list(answers))
+
+
+def load_human(path: str | Path) -> HumanData:
+    """An answers table (``fidmed vtt score`` writes ``vtt_answers.csv``: modality, rater, model, image_id, truth,
+    answer, rating) or a per-rater scores table (``vtt_scores.csv``, or the study's published per-participant
+    tables typed in: modality, rater, model and fpr / diff / ks_pvalue ...)."""
+    rows = read_csv_rows(path, what="VTT table")
+    if not rows:
+        raise DataError(f"VTT table {path} has no rows.")
+    if "modality" in rows[0]:
+        blank = [i for i, r in enumerate(rows, start=2) if not str(r["modality"]).strip()]
+        if blank:
+            raise DataError(f"VTT table {path}: no modality on line(s) {format_list(blank, 8)}; the analysis joins "
+                            f"human scores with FD results by modality (`fidmed vtt make --modality`).")
+    if "truth" in rows[0] and "answer" in rows[0]:
+        return human_from_answers(answers_from_rows(rows, str(path)))
+    scores = score_rows_from_table(rows, str(path))
+    check_score_rows(scores, str(path))
+    return HumanData(scores=scores)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Pearson, Spearman and Kendall tau-b with two-sided p-values, as SciPy computes them (NaN when undefined)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: SciPy warns and returns NaN, which we keep
+        for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
+            if len(x) < 2:
+                r, p = math.nan, math.nan
+            else:
+                res = fn(x, y)
+                r, p = float(res.statistic), float(res.pvalue)
+            out[name] = r
+            out[f"{name}_p"] = p
+    return out
+
+
+def _pearson_rows(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    xc = x - x.mean()
+    Yc = Y - Y.mean(axis=1, keepdims=True)
+    den = np.sqrt((xc ** 2).sum() * (Yc ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (Yc @ xc) / den
+    r[den == 0] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def correlation_rows(x: Sequence[float], Y: np.ndarray) -> dict[str, np.ndarray]:
+    """The three correlation statistics of ``x`` with every row of ``Y`` at once (for the bootstrap).
+
+    Spearman = Pearson of average ranks; Kendall tau-b = sum sgn(dx) sgn(dy) / sqrt(sum sgn(dx)^2 sum sgn(dy)^2)
+    over pairs, which equals (n_c - n_d) / sqrt((n0 - n1)(n0 - n2)) as in SciPy."""
+    x = np.asarray(x, dtype=np.float64)
+    Y = np.atleast_2d(np.asarray(Y, dtype=np.float64))
+    iu = np.triu_indices(len(x), k=1)
+    sx = np.sign(x[:, None] - x[None, :])[iu]
+    sy = np.sign(Y[:, :, None] - Y[:, None, :])[:, iu[0], iu[1]]
+    den = np.sqrt((sx ** 2).sum() * (sy ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (sy @ sx) / den
+    tau[den == 0] = np.nan
+    return {"pearson": _pearson_rows(x, Y),
+            "spearman": _pearson_rows(stats.rankdata(x), stats.rankdata(Y, axis=1)),
+            "kendall": tau}
+
+
+def kendalls_w(values: np.ndarray) -> dict[str, float]:
+    """Kendall's W of ``values`` [m judges (extractors), n objects (models)], ranked within each judge with average
+    ranks, with the tie correction: W = 12 S / (m^2 (n^3 - n) - m T), T = sum over judges and tie groups of
+    t^3 - t; chi2 = m (n - 1) W on n - 1 degrees of freedom (equal to Friedman's tie-corrected statistic)."""
+    values = np.asarray(values, dtype=np.float64)
+    m, n = values.shape
+    if m < 2 or n < 2:
+        return {"m": m, "n": n, "W": math.nan, "chi2": math.nan, "df": n - 1, "p": math.nan}
+    ranks = stats.rankdata(values, axis=1)
+    totals = ranks.sum(axis=0)
+    s = float(((totals - totals.mean()) ** 2).sum())
+    t = 0.0
+    for row in ranks:
+        _, counts = np.unique(row, return_counts=True)
+        t += float((counts ** 3 - counts).sum())
+    den = m ** 2 * (n ** 3 - n) - m * t
+    w = 12.0 * s / den if den > 0 else math.nan
+    chi2 = m * (n - 1) * w
+    return {"m": m, "n": n, "W": w, "chi2": chi2, "df": n - 1, "p": float(stats.chi2.sf(chi2, n - 1))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results: lookup and coverage
+
+def default_groups(extractors: Sequence[str]) -> dict[str, list[str]]:
+    """All extractors, and the ImageNet / RadImageNet groups when both kinds are present."""
+    groups = {"all": list(extractors)}
+    rad = [e for e in extractors if e.startswith("radimagenet")]
+    imagenet = [e for e in extractors if not e.startswith("radimagenet")]
+    if rad and imagenet:
+        groups["imagenet"] = imagenet
+        groups["radimagenet"] = rad
+    return groups
+
+
+def fd_lookup(results: Sequence[Mapping[str, Any]], model_column: str) -> dict[tuple[str, str, str, str], float]:
+    """(modality, metric, extractor, model) -> value; duplicates, empty keys and NaN values are errors."""
+    if results and model_column not in results[0]:
+        raise DataError(f"the results table has no column {model_column!r} to name models by (columns: "
+                        f"{', '.join(results[0])}); pass --model-column.")
+    out: dict[tuple[str, str, str, str], float] = {}
+    where: dict[tuple[str, str, str, str], str] = {}
+    bad = []
+    for i, r in enumerate(results):
+        key = tuple(str(r.get(c) or "") for c in ("modality", "metric", "extractor", model_column))
+        src = str(r.get("results_file") or f"row {i + 1}")
+        empty = [c for c, v in zip(("modality", "metric", "extractor", model_column), key) if v == ""]
+        if empty:
+            raise DataError(f"results {src}: a row without {', '.join(empty)}.")
+        if key in out:
+            raise DataError(f"two results for modality {key[0]}, metric {key[1]}, extractor {key[2]}, model {key[3]}: "
+                            f"{where[key]} and {src}; keep one run per model (or filter the table).")
+        value = float(r["value"])
+        if not math.isfinite(value):
+            bad.append(f"{key[0]}/{key[3]}/{key[2]}/{key[1]} ({src})")
+        out[key] = value
+        where[key] = src
+    if bad:
+        raise DataError(f"non-finite values in the results (a failed evaluation?): {format_list(bad, 8)}.")
+    return out
+
+
+@dataclass
+class Coverage:
+    modalities: list[str]
+    metrics: list[str]
+    extractors: list[str]
+    models: dict[str, list[str]]  # modality -> models analysed (with human scores when VTT given)
+    extra_models: dict[str, list[str]] = field(default_factory=dict)  # in the results, without human scores
+    extra_modalities: list[str] = field(default_factory=list)
+
+
+def check_coverage(lookup: Mapping[tuple[str, str, str, str], float], human_models: Mapping[str, Sequence[str]] | None,
+                   metrics: Sequence[str] | None = None, extractors: Sequence[str] | None = None,
+                   modalities: Sequence[str] | None = None) -> Coverage:
+    """Work out what is analysed, and fail naming every (modality, metric, extractor, model) that is missing."""
+    have_modalities = sorted({k[0] for k in lookup})
+    have_metrics = sorted({k[1] for k in lookup}, key=lambda m: (m != "fd", m))
+    have_extractors = sorted({k[2] for k in lookup}, key=lambda e: (e.startswith("radimagenet"), e))  # ImageNet first
+    if modalities:
+        wanted_modalities = list(modalities)
+    elif human_models:
+        wanted_modalities = list(human_models)
+    else:
+        wanted_modalities = have_modalities
+    metrics = list(metrics) if metrics else have_metrics
+    extractors = list(extractors) if extractors else have_extractors
+    problems = []
+    absent = [m for m in wanted_modalities if m not in have_modalities]
+    if absent:
+        problems.append(f"no results at all for modality {', '.join(absent)} (results have: "
+                        f"{', '.join(have_modalities)})")
+    models: dict[str, list[str]] = {}
+    extra: dict[str, list[str]] = {}
+    for modality in wanted_modalities:
+        if modality in absent:
+            continue
+        in_results = sorted({k[3] for k in lookup if k[0] == modality})
+        if human_models is not None:
+            if modality not in human_models:
+                problems.append(f"modality {modality} has no human (VTT) scores")
+                continue
+            models[modality] = list(human_models[modality])
+            extra[modality] = [m for m in in_results if m not in human_models[modality]]
+        else:
+            models[modality] = in_results
+        for metric in metrics:
+            for ex in extractors:
+                lacking = [mo for mo in models[modality] if (modality, metric, ex, mo) not in lookup]
+                if len(lacking) == len(models[modality]):
+                    problems.append(f"modality {modality}: extractor {ex} has no {metric} results")
+                elif lacking:
+                    problems.append(f"modality {modality}, extractor {ex}, {metric}: no result for model(s) "
+                                    f"{', '.join(lacking)}")
+    if problems:
+        raise DataError("the results table is incomplete:\n  - " + "\n  - ".join(problems) +
+                        "\nEvaluate the missing runs (or name the extractors/metrics/modalities to analyse).")
+    return Coverage(modalities=wanted_modalities, metrics=metrics, extractors=extractors, models=models,
+                    extra_models={k: v for k, v in extra.items() if v},
+                    extra_modalities=[m for m in have_modalities if m not in wanted_modalities])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bootstrap of the per-model human scores
+
+@dataclass
+class _ModalityAnswers:
+    raters: list[str]
+    models: list[str]
+    real_called: list[np.ndarray]  # per model [raters, n_real] bool
+    gen_called: list[np.ndarray]
+    real_rating: list[np.ndarray]
+    gen_rating: list[np.ndarray]
+
+
+def _answer_arrays(answers: Sequence[Answer], modality: str, models: Sequence[str]) -> _ModalityAnswers:
+    rows = [a for a in answers if a.modality == modality]
+    raters = sorted({a.rater for a in rows})
+    index = {(a.rater, a.image_id): a for a in rows}
+    out = _ModalityAnswers(raters, list(models), [], [], [], [])
+    for model in models:
+        ids = {t: sorted({a.image_id for a in rows if a.model == model and a.truth == t}) for t in (REAL, GENERATED)}
+        for t, called, rating in ((REAL, out.real_called, out.real_rating),
+                                  (GENERATED, out.gen_called, out.gen_rating)):
+            called.append(np.array([[index[(r, i)].answer == REAL for i in ids[t]] for r in raters]))
+            rating.append(np.array([[index[(r, i)].rating for i in ids[t]] for r in raters], dtype=np.float64))
+    return out
+
+
+def _criterion_from_arrays(column: str, rc: np.ndarray, gc: np.ndarray, rr: np.ndarray, gr: np.ndarray,
+                           ks: KSTest) -> float:
+    """One rater's criterion value from their (resampled) answers on one model."""
+    if column == "fpr":
+        return float(gc.mean())
+    if column == "accuracy":
+        return float((rc.sum() + (~gc).sum()) / (len(rc) + len(gc)))
+    if column == "diff":
+        return float(rr.mean() - gr.mean())
+    if column in ("ks_pvalue", "ks_statistic"):
+        d, p, _ = ks(rr, gr)
+        return p if column == "ks_pvalue" else d
+    raise FidmedError(f"the bootstrap has no rule for the score {column!r}")
+
+
+def bootstrap_human(human: HumanData, modality: str, models: Sequence[str], criteria: Sequence[Criterion],
+                    n_boot: int, rng: np.random.Generator, ks: KSTest) -> dict[str, np.ndarray]:
+    """criterion name -> [n_boot, n_models] resampled per-model human scores (means over resampled raters)."""
+    out = {c.name: np.empty((n_boot, len(models))) for c in criteria}
+    if human.answers is not None:
+        arr = _answer_arrays(human.answers, modality, models)
+        n_r = len(arr.raters)
+        for b in range(n_boot):
+            raters = rng.integers(0, n_r, n_r)
+            for j in range(len(models)):
+                ri = rng.integers(0, arr.real_called[j].shape[1], arr.real_called[j].shape[1])
+                gi = rng.integers(0, arr.gen_called[j].shape[1], arr.gen_called[j].shape[1])
+                for c in criteria:
+                    vals = [_criterion_from_arrays(c.column, arr.real_called[j][r, ri], arr.gen_called[j][r, gi],
+                                                   arr.real_rating[j][r, ri], arr.gen_rating[j][r, gi], ks)
+                            for r in raters]
+                    out[c.name][b, j] = float(np.mean(vals))
+        return out
+    rows = [s for s in human.scores if s["modality"] == modality]
+    raters = sorted({s["rater"] for s in rows})
+    table = {(s["rater"], s["model"]): s for s in rows}
+    for c in criteria:
+        values = np.array([[float(table[(r, m)][c.column]) for m in models] for r in raters])  # [raters, models]
+        picks = rng.integers(0, len(raters), (n_boot, len(raters)))
+        out[c.name] = values[picks].mean(axis=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The analysis
+
+@dataclass
+class Analysis:
+    """Everything ``fidmed analyze`` reports: tables (lists of dict rows) and notes."""
+
+    tables: dict[str, list[dict[str, Any]]]
+    coverage: Coverage
+    criteria: list[Criterion]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None, *, model_column: str = "augmentation",
+            metrics: Sequence[str] | None = None, extractors: Sequence[str] | None = None,
+            modalities: Sequence[str] | None = None, criteria: Sequence[str] = DEFAULT_CRITERIA,
+            n_boot: int = 1000, ci: float = 0.95, seed: int = 0, alpha: float = 0.05,
+            groups: Mapping[str, Sequence[str]] | None = None) -> Analysis:
+    """Rankings, FD-human correlations with bootstrap CIs, and extractor agreement (see the module docstring)."""
+    if not 0 < ci < 1:
+        raise FidmedError(f"confidence level {ci} must be between 0 and 1 (e.g. 0.95).")
+    if n_boot < 0:
+        raise FidmedError(f"bootstrap replicates must be >= 0, got {n_boot}.")
+    crits = criteria_from_names(criteria)
+    lookup = fd_lookup(results, model_column)
+    cov = check_coverage(lookup, human.models() if human else None, metrics, extractors, modalities)
+    if human is not None:
+        missing_cols = [c.column for c in crits if c.column not in human.scores[0]]
+        if missing_cols:
+            raise DataError(f"the VTT scores lack {', '.join(missing_cols)} needed for criteria "
+                            f"{', '.join(c.name for c in crits if c.column in missing_cols)}; choose the criteria "
+                            f"the table has (--criteria).")
+    groups = dict(groups) if groups else default_groups(cov.extractors)
+    unknown = sorted({e for g in groups.values() for e in g} - set(cov.extractors))
+    if unknown:
+        raise FidmedError(f"extractor group(s) name extractors without results: {', '.join(unknown)}.")
+    aggregates = aggregate_scores(human.scores, alpha, crits) if human else []
+    agg = {(a["modality"], a["model"]): a for a in aggregates}
+    rng = np.random.default_rng(seed)
+    ks = KSTest()
+    tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    notes = []
+    for modality, extra in cov.extra_models.items():
+        notes.append(f"{modality}: model(s) {', '.join(extra)} have results but no VTT scores; they are left out "
+                     f"of the rankings and correlations.")
+    if cov.extra_modalities:
+        notes.append(f"modalities in the results but not analysed: {', '.join(cov.extra_modalities)}.")
+    if human is not None:
+        skipped = [m for m in human.models() if m not in cov.modalities]
+        if skipped:
+            notes.append(f"modalities with VTT scores but not analysed: {', '.join(skipped)}.")
+    tail = (1 - ci) / 2 * 100
+    for modality in cov.modalities:
+        models = cov.models[modality]
+        boot = (bootstrap_human(human, modality, models, crits, n_boot, rng, ks)
+                if human is not None and n_boot > 0 else {})
+        for model in (models if human else []):
+            a = agg[(modality, model)]
+            row = {"modality": modality, "model": model}
+            if a:
+                row.update({c.name: a[f"mean_{c.column}"] for c in crits})
+                row.update({f"rank_{c.name}": a[f"rank_{c.name}"] for c in crits})
+                row["n_raters"] = a["n_raters"]
+                if "ks_not_rejected" in a:
+                    row["ks_not_rejected"] = a["ks_not_rejected"]
+            tables["human_scores"].append(row)
+        for metric in cov.metrics:
+            fd = {ex: np.array([lookup[(modality, metric, ex, m)] for m in models]) for ex in cov.extractors}
+            for ex in cov.extractors:
+                for model, value, rank in zip(models, fd[ex], rank_best_first(fd[ex], higher_is_better=False)):
+                    tables["fd_values"].append({"modality": modality, "metric": metric, "extractor": ex,
+                                                "model": model, "value": float(value)})
+                    tables["rankings"].append({"modality": modality, "metric": metric, "ranker": ex,
+                                               "kind": "extractor", "model": model, "value": float(value),
+                                               "rank": float(rank)})
+            for c in (crits if human else []):
+                for model in models:
+                    a = agg[(modality, model)]
+                    tables["rankings"].append({"modality": modality, "metric": metric, "ranker": c.name,
+                                               "kind": "human", "model": model, "value": a[f"mean_{c.column}"],
+                                               "rank": a[f"rank_{c.name}"]})
+            # FD vs human
+            for c in (crits if human else []):
+                h = np.array([agg[(modality, m)][f"mean_{c.column}"] for m in models])
+                for ex in cov.extractors:
+                    row: dict[str, Any] = {"modality": modality, "metric": metric, "extractor": ex, "criterion": c.name,
+                                           "n_models": len(models), "expected_sign": -1 if c.higher_is_better else 1}
+                    row.update(correlation(fd[ex], h))
+                    if n_boot > 0 and len(models) >= 2:
+                        reps = correlation_rows(fd[ex], boot[c.name])
+                        for method in METHODS:
+                            r = reps[method]
+                            ok = r[np.isfinite(r)]
+                            row[f"{method}_ci_low"] = float(np.percentile(ok, tail)) if ok.size else math.nan
+                            row[f"{method}_ci_high"] = float(np.percentile(ok, 100 - tail)) if ok.size else math.nan
+                            row[f"{method}_boot_undefined"] = int(r.size - ok.size)
+                    row["bootstrap"] = human.bootstrap_unit if n_boot > 0 else "none"
+                    row["n_boot"] = n_boot
+                    tables["correlations"].append(row)
+            # Agreement between extractors
+            for i, ea in enumerate(cov.extractors):
+                for eb in cov.extractors[i + 1:]:
+                    cr = correlation(fd[ea], fd[eb])
+                    tables["extractor_agreement"].append({
+                        "modality": modality, "metric": metric, "extractor_a": ea, "extractor_b": eb,
+                        "n_models": len(models), "spearman": cr["spearman"], "spearman_p": cr["spearman_p"],
+                        "kendall": cr["kendall"], "kendall_p": cr["kendall_p"]})
+            for name, members in groups.items():
+                w = kendalls_w(np.array([fd[ex] for ex in members]))
+                tables["kendall_w"].append({"modality": modality, "metric": metric, "group": name,
+                                            "extractors": " ".join(members), **w})
+    settings = {"model_column": model_column, "metrics": cov.metrics, "criteria": [c.name for c in crits],
+                "n_boot": n_boot, "ci": ci, "seed": seed, "alpha": alpha,
+                "bootstrap": (human.bootstrap_unit if human else "none"), "groups": groups,
+                "tie_rule": "average ranks (scipy.stats.rankdata method='average'); rank 1 = best"}
+    return Analysis(tables=dict(tables), coverage=cov, criteria=crits, settings=settings, notes=notes)
