@@ -130,11 +130,12 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         def evaluate_during_training(G, kimg):
             gen = GeneratorSource(G, int(cfg.eval.num_gen_training), int(cfg.eval.seed_start),
                                   float(cfg.eval.truncation_psi), str(cfg.eval.noise_mode), evaluator.device)
+            home = next(G.parameters()).device  # G_ema trains where the trainer put it; put it back afterwards
             G.to(evaluator.device)
             try:
                 recs = evaluator.evaluate(gen, desc=f"FD at {kimg:.2f} kimg")
             finally:
-                G.to("cpu") if evaluator.device.type == "cpu" else None
+                G.to(home)
             return {f"{r.metric}/{r.label}": r.value for r in recs}
 
         def log_grid(G, kimg):

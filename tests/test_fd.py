@@ -192,3 +192,25 @@ def test_relative_fd_and_result_record() -> None:
     assert float(r) == 12.0 and r.as_dict()["route"] == "eigh"
     with pytest.raises(FidmedError, match="positive"):
         relative_fd(1.0, 0.0)
+
+
+def test_mixed_route_equals_the_nuclear_route_when_only_the_small_set_kept_features():
+    """Few generated images (n < d) against a large real set known only by its moments."""
+    from fidmed.metrics.fd import frechet_distance_from_features, frechet_distance_from_moments
+    from fidmed.metrics.moments import StreamingMoments
+
+    rng = np.random.default_rng(3)
+    d = 48
+    small = rng.normal(size=(20, d)) * 2.0 + 1.0
+    large = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.3
+    exact = frechet_distance_from_features(small, large, route="nuclear").value
+    m_small = StreamingMoments(d, keep_features=True)
+    m_small.update(torch.as_tensor(small))
+    m_large = StreamingMoments(d, keep_features=False)
+    m_large.update(torch.as_tensor(large))
+    for a, b in ((m_small, m_large), (m_large, m_small)):
+        res = frechet_distance_from_moments(a, b)
+        assert res.route == "mixed"
+        assert res.value == pytest.approx(exact, rel=1e-11)
+    eigh = frechet_distance_from_moments(m_small, m_large, route="eigh").value
+    assert abs(eigh - exact) > abs(frechet_distance_from_moments(m_small, m_large).value - exact)

@@ -168,9 +168,9 @@ class Evaluator:
                  desc: str = "generated images") -> list[MetricRecord]:
         """FD (and relative FD) of ``gen`` against the real set, for every extractor."""
         real = self.real_stats()
-        keep = {ex.name: min(len(gen), real[ex.name].full.count) < ex.feature_dim for ex in self.extractors}
-        # The exact n < d route needs both sets' features; the real features are kept when the real halves are
-        # small, which is also when the full real set may be smaller than d.
+        # Features are kept only where a set is smaller than the feature dimension: the exact n < d routes
+        # ("nuclear" with both sets' features, "mixed" with the small set's) need them (fidmed.metrics.fd).
+        keep = {ex.name: len(gen) < ex.feature_dim for ex in self.extractors}
         moments = collect_moments(gen, self.extractors, self.batch_size, self.device, keep, desc=desc)
         records: list[MetricRecord] = []
         for ex in self.extractors:

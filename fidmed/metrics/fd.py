@@ -257,16 +257,54 @@ def frechet_distance_from_features(
     return FDResult(mean_term + t1 + t2 - 2.0 * ts, route, n1, n2, d, mean_term, t1, t2, ts)
 
 
-def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDResult:
-    """FD between two ``StreamingMoments``; uses the kept features for the exact route when min(n) < d.
+def frechet_distance_mixed(features: Any, mu: Any, cov: Any, psd_rtol: float = DEFAULT_PSD_RTOL) -> FDResult:
+    """FD between a small feature set ``[n, d]`` (n < d) and a set known only by its mean and covariance.
 
-    ``route`` as in ``frechet_distance_from_features``; without kept features only the covariance routes exist.
+    With B_c the centred features and S_g = B_c^T B_c / (n - 1), the non-zero eigenvalues of S S_g are those of
+    the n x n symmetric PSD matrix B_c S B_c^T / (n - 1), so tr((S S_g)^1/2) = sum sqrt(eig(B_c S B_c^T)) / sqrt(n-1).
+    That matrix has no block of d - n zero eigenvalues whose rounding errors a square root would amplify, which
+    is what costs the eigh/Cholesky routes about 7 digits when n < d; it needs the features of one set only
+    (e.g. few generated images against the cached statistics of a large real set).
+    """
+    b = _as_features(features, "features")
+    n, d = b.shape
+    mu_t, cov_t = _f64(mu, None), _f64(cov, None)
+    if mu_t.shape != (d,) or cov_t.shape != (d, d):
+        raise FidmedError(f"statistics of dimension {tuple(cov_t.shape)} do not match features of dimension {d}")
+    mu_b = b.mean(axis=0)
+    b_c = _f64(b - mu_b, None)
+    diff = _f64(mu_b, None) - mu_t
+    mean_term = float(diff @ diff)
+    t_feat = float((b_c * b_c).sum() / (n - 1))
+    t_cov = float(cov_t.diagonal().sum())
+    inner = b_c @ (0.5 * (cov_t + cov_t.T)) @ b_c.T
+    ts = _sum_sqrt_eigvals(inner, psd_rtol) / float(np.sqrt(n - 1.0))
+    return FDResult(mean_term + t_feat + t_cov - 2.0 * ts, "mixed", n, None, d, mean_term, t_feat, t_cov, ts)
+
+
+def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDResult:
+    """FD between two ``StreamingMoments``; uses the kept features for an exact route when min(n) < d.
+
+    ``route`` as in ``frechet_distance_from_features``, plus "mixed" (:func:`frechet_distance_mixed`), which
+    "auto" takes when only the smaller set (n < d) kept its features. Without kept features only the covariance
+    routes exist.
     """
     if m1.count < 2 or m2.count < 2:
         raise FidmedError(f"need at least 2 images per set to compute an FD, got {m1.count} and {m2.count}")
     have_features = m1.keep_features and m2.keep_features
     if route == "auto" and have_features and min(m1.count, m2.count) < m1.dim:
         route = "nuclear"
+    if route == "auto" and not have_features:
+        small, large = (m1, m2) if m1.count <= m2.count else (m2, m1)
+        if small.keep_features and small.count < small.dim:
+            res = frechet_distance_mixed(small.features, large.mean, large.cov)
+            if small is m2:  # report the terms in the caller's order
+                res = FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, res.trace2,
+                               res.trace1, res.trace_sqrt)
+            else:
+                res = FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, res.trace1,
+                               res.trace2, res.trace_sqrt)
+            return res
     if route == "nuclear":
         if not have_features:
             raise FidmedError("the nuclear FD route needs kept features: use StreamingMoments(keep_features=True)")
