@@ -71,7 +71,8 @@ def cmd_weights_list(args) -> int:
             status = f"present: {path}" if path else "missing"
         except FidmedError as exc:
             status = f"INVALID: {exc}"
-        table.add_row(name, spec.filename, spec.sha256, status, " ".join(spec.urls) or spec.how_to)
+        digest = spec.sha256 or "UNPINNED (no published sha256; the local file's digest is recorded with results)"
+        table.add_row(name, spec.filename, digest, status, " ".join(spec.urls) or spec.how_to)
     Console(width=200).print(table)
     return 0
 

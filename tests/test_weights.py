@@ -215,3 +215,22 @@ def test_check_weights_available_names_every_missing_file(tmp_path: Path) -> Non
     assert status["present_net"].path == tmp_path / "mine" / "present.pth"
     with pytest.raises(FidmedError, match="random is not allowed"):
         check_weights_available(cfgs[2:], weights_dir=tmp_path / "mine")
+
+
+def test_unpinned_weights_are_used_as_found_and_record_their_own_digest(tmp_path):
+    """A file with no published sha256 (spec sha256=None) is neither refused nor silently replaced: results carry
+    the digest of the local file, marked unpinned, and `fidmed weights import` recognises it by name."""
+    import hashlib
+
+    from fidmed.features.weights import WeightsSpec, import_weights, resolve_weights, sha256_of
+
+    spec = WeightsSpec("model_unpinned.pth", None, ("http://127.0.0.1:9/none",))
+    assert not spec.pinned and not spec.full_hash
+    src = tmp_path / "download" / "model_unpinned.pth"
+    src.parent.mkdir()
+    src.write_bytes(b"some weights")
+    _, dest = import_weights(src, [spec], tmp_path / "w")
+    assert resolve_weights(spec, tmp_path / "w") == dest
+    assert sha256_of(dest) == hashlib.sha256(b"some weights").hexdigest()
+    with pytest.raises(WeightsMissingError, match="unpinned"):
+        resolve_weights(spec, tmp_path / "elsewhere")

@@ -36,7 +36,11 @@ from fidmed.features.weights import WeightsSpec, resolve_weights
 
 #: Modules that register the built-in extractors (imported by ``available_extractors``). A new extractor module
 #: adds itself here, and its config names it under ``module:``.
-BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = ("fidmed.features.inception_tf",)
+BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = (
+    "fidmed.features.inception_tf",
+    "fidmed.features.torch_backbones",  # inception, resnet, swav, dino, swin, dinov2, clip
+    "fidmed.features.keras_nets",  # Keras-faithful InceptionV3, ResNet50, InceptionResNetV2, DenseNet121
+)
 
 _SPEC_KEYS = {"name", "module", "study_name", "feature_dim", "input_size", "resizer", "channels", "weights_source",
               "seed", "weights"}
@@ -120,8 +124,11 @@ class Extractor(nn.Module):
         if self.random_init:
             self.weights_label = f"RANDOM-INIT(seed={spec.seed}) -- not a real extractor"
         else:
-            assert spec.weights is not None
-            self.weights_label = f"sha256:{spec.weights.sha256}"
+            # The digest of the file actually loaded (full, even where the spec pins only a prefix or nothing).
+            from fidmed.features.weights import sha256_of
+
+            pinned = spec.weights is not None and spec.weights.sha256 is not None
+            self.weights_label = f"sha256:{sha256_of(weights_path)}" + ("" if pinned else " (unpinned)")
 
     def train(self, mode: bool = True) -> "Extractor":
         return super().train(False)

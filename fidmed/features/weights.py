@@ -39,10 +39,15 @@ PROBE_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class WeightsSpec:
-    """One weights file: its name, sha256 (full, or a prefix when only that is known), where to get it."""
+    """One weights file: its name, sha256 (full, or a prefix when only that is known), where to get it.
+
+    ``sha256=None`` marks a file whose digest no trustworthy public source publishes ("unpinned"): it is used
+    as found, never substituted, and every number made with it records the local file's own sha256, so two
+    results can still be told apart; ``fidmed weights list`` shows such files as UNPINNED.
+    """
 
     filename: str
-    sha256: str
+    sha256: str | None
     urls: tuple[str, ...] = ()
     description: str = ""
     how_to: str = ""  # where a user gets the file when offline (shown in the error message)
@@ -50,7 +55,7 @@ class WeightsSpec:
     def __post_init__(self) -> None:
         if not self.filename or "/" in self.filename or "\\" in self.filename:
             raise FidmedError(f"weights filename must be a plain file name, got {self.filename!r}")
-        if not _HEX.match(self.sha256):
+        if self.sha256 is not None and not _HEX.match(self.sha256):
             raise FidmedError(
                 f"sha256 for {self.filename} must be 8 to 64 lowercase hex digits, got {self.sha256!r}"
             )
@@ -58,7 +63,11 @@ class WeightsSpec:
 
     @property
     def full_hash(self) -> bool:
-        return len(self.sha256) == 64
+        return self.sha256 is not None and len(self.sha256) == 64
+
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "WeightsSpec":
@@ -66,7 +75,7 @@ class WeightsSpec:
         try:
             return cls(
                 filename=str(cfg["filename"]),
-                sha256=str(cfg["sha256"]).lower(),
+                sha256=None if cfg["sha256"] is None else str(cfg["sha256"]).lower(),
                 urls=tuple(str(u) for u in (cfg.get("urls") or ())),
                 description=str(cfg.get("description") or ""),
                 how_to=str(cfg.get("how_to") or ""),
@@ -139,6 +148,8 @@ def sha256_of(path: Path | str, use_cache: bool = True) -> str:
 def verify_weights(path: Path | str, spec: WeightsSpec) -> None:
     """Raise FidmedError when the file's sha256 does not match the spec (full digest or prefix)."""
     path = Path(path)
+    if spec.sha256 is None:  # unpinned: nothing to compare with (the caller records the file's own digest)
+        return
     actual = sha256_of(path)
     if not actual.startswith(spec.sha256):
         raise FidmedError(
@@ -197,7 +208,9 @@ def _download(spec: WeightsSpec, target_dir: Path, timeout: float) -> tuple[Path
 # ------------------------------------------------------------------------------------------------ resolving
 def missing_message(spec: WeightsSpec, weights_dir: Path | str | None, why_no_download: str) -> str:
     folder = _weights_dir(weights_dir)
-    hash_note = "" if spec.full_hash else " (prefix; only a prefix of the digest is known)"
+    hash_note = ("" if spec.full_hash else " (unpinned: no published digest; the file is used as found and its own "
+                 "sha256 is recorded with every number)" if spec.sha256 is None else
+                 " (prefix; only a prefix of the digest is known)")
     lines = [
         f"weights file {spec.filename} not found" + (f" ({spec.description})" if spec.description else ""),
         f"  sha256: {spec.sha256}{hash_note}",
@@ -263,11 +276,19 @@ def import_weights(
         raise FidmedError(f"{src} is not a file")
     digest = sha256_of(src, use_cache=False)
     specs = list(specs)
-    match = [s for s in specs if digest.startswith(s.sha256)]
+    match = [s for s in specs if s.sha256 is not None and digest.startswith(s.sha256)]
+    if not match:  # unpinned specs are recognised by their file name (there is no digest to match)
+        match = [s for s in specs if s.sha256 is None and s.filename == src.name]
     if not match:
         known = "\n".join(f"  {s.filename}  sha256 {s.sha256}" for s in specs)
         raise FidmedError(f"{src} (sha256 {digest}) matches no known weights file. Known files:\n{known}")
     spec = match[0]
+    if spec.filename.endswith(".h5"):
+        # a Keras .h5 (RadImageNet, Keras ImageNet): it must load into its architecture layer by layer, and match
+        # Keras' published md5 where there is one, before it enters the weights folder
+        from fidmed.features.keras_nets import check_keras_h5
+
+        check_keras_h5(src, spec.filename)
     folder = _weights_dir(weights_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / spec.filename
