@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fidmed.atomic import atomic_write
 
 STATS_FORMAT = "fidmed-real-stats-v1"
 
@@ -58,15 +59,6 @@ class StatsCache:
         path = self.path_for(record)
         if path is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __key__=np.array(canonical_json({"format": STATS_FORMAT, **record})), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, __key__=np.array(canonical_json({"format": STATS_FORMAT, **record})), **arrays)
         return path

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from fidmed.atomic import atomic_write
 
 RANDOM_BANNER = "RANDOM-INIT"
 
@@ -39,16 +40,9 @@ class MetricRecord:
 def write_results_json(path: str | os.PathLike, records: Iterable[MetricRecord], header: dict[str, Any]) -> Path:
     """Atomic write of ``results.json``: a header (run, generator, config digest) and the records."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**header, "results": [r.to_dict() for r in records]}
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=str)
     return path
 
 

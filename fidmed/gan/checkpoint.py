@@ -12,12 +12,12 @@ executed. Lightning checkpoints written by fidmed (``last.ckpt``) carry the same
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fidmed.atomic import atomic_write
 from fidmed.errors import FidmedError
 
 SNAPSHOT_FORMAT = "fidmed-generator-v1"
@@ -25,19 +25,9 @@ SNAPSHOT_FORMAT = "fidmed-generator-v1"
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def snapshot_name(kimg: float) -> str:
