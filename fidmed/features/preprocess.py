@@ -11,6 +11,9 @@ Resizers
   clipped to [0, 255].
 - ``nearest``: PIL nearest-neighbour on the 8-bit channels (Keras' image loader with its default
   interpolation="nearest"); values stay integers.
+- ``pil_bicubic`` (dgm-eval's default, ``clean_resize=False``): torchvision ``Resize((S, S), BICUBIC)`` on the 8-bit
+  RGB PIL image, i.e. PIL's own 8-bit bicubic (antialiased, rounded and clipped to integers by PIL); values stay
+  integers, ``ToTensor`` then divides by 255 inside the extractor.
 Gray images (C = 1) are copied to 3 channels, as the study's loaders did (PIL ``convert("RGB")``); a gray channel
 (or an RGB image whose three channels are equal) is resized once and copied, which gives the identical result.
 """
@@ -25,7 +28,7 @@ from PIL import Image
 
 from fidmed.errors import ConfigError, FidmedError
 
-RESIZERS = ("clean", "clean_clip", "nearest")
+RESIZERS = ("clean", "clean_clip", "nearest", "pil_bicubic")
 CHANNEL_ORDERS = ("RGB", "BGR")
 
 
@@ -53,9 +56,10 @@ class Preprocessing:
 
 def _resize_channel(ch: np.ndarray, size: int, resizer: str) -> np.ndarray:
     """Resize one [H, W] channel to [size, size] float32."""
-    if resizer == "nearest":
+    if resizer in ("nearest", "pil_bicubic"):
         img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.uint8))  # mode "L"
-        return np.asarray(img.resize((size, size), Image.NEAREST), dtype=np.float32)
+        resample = Image.NEAREST if resizer == "nearest" else Image.BICUBIC
+        return np.asarray(img.resize((size, size), resample), dtype=np.float32)
     img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32))  # mode "F" (32-bit float)
     out = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32)
     if resizer == "clean_clip":
@@ -89,6 +93,9 @@ def preprocess(batch_uint8: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
             out[i] = img.astype(np.float32) if c == 3 else img[0].astype(np.float32)
         elif gray:
             out[i] = _resize_channel(img[0], s, spec.resizer)
+        elif spec.resizer == "pil_bicubic":  # one call on the RGB image, as torchvision's Resize does
+            rgb = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))  # mode "RGB"
+            out[i] = np.asarray(rgb.resize((s, s), Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1)
         else:
             for k in range(3):
                 out[i, k] = _resize_channel(img[k], s, spec.resizer)

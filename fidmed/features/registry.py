@@ -38,7 +38,8 @@ from fidmed.features.weights import WeightsSpec, resolve_weights
 #: adds itself here, and its config names it under ``module:``.
 BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = (
     "fidmed.features.inception_tf",
-    "fidmed.features.torch_backbones",  # inception, resnet, swav, dino, swin, dinov2, clip
+    "fidmed.features.torch_backbones",  # inception, resnet, swav, dino, swin
+    "fidmed.features.modern_backbones",  # dinov2, clip (dgm-eval's extras)
     "fidmed.features.keras_nets",  # Keras-faithful InceptionV3, ResNet50, InceptionResNetV2, DenseNet121
 )
 
