@@ -5,6 +5,8 @@
     fidmed weights download [NAME ...]  download (when online) and verify
     fidmed import-generator PKL         convert a stylegan2-ada-pytorch network-snapshot-*.pkl to a fidmed .pt
                                         without running any code from the pickle
+    fidmed evaluate GEN REAL --extractor A B --metrics fd rfd prdc
+                                        folder or generator vs folder, one pass for all extractors
     fidmed prepare xray|ct|mri|cardiac|dicom --src RAW --out DIR
                                         the study's dataset preparation (8-bit PNGs + manifest.json)
     fidmed vtt make | vtt score         build a blinded visual Turing test; score the raters' answers
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fidmed.analysis.cli import add_analysis_parsers
     from fidmed.data.prepare.cli import add_prepare_parser
 
+    from fidmed.evaluation.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     add_prepare_parser(sub)
     add_analysis_parsers(sub)
     return parser

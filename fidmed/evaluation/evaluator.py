@@ -7,10 +7,11 @@ FD against cached real statistics. Every number leaves with its protocol (:mod:`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from fidmed.evaluation.results import MetricRecord
 from fidmed.evaluation.sources import QUANTISATION, DatasetSource, GeneratorSource
 from fidmed.features.preprocess import preprocess
 from fidmed.metrics.fd import frechet_distance_from_moments
+from fidmed.metrics.kid import KID_N_SUBSETS, KID_SUBSET_SIZE, fd_infinity, kid
+from fidmed.metrics.knn import ARGUMENT_ORDER, DEFAULT_K, prdc
 from fidmed.metrics.moments import StreamingMoments
 
 log = logging.getLogger(__name__)
@@ -35,13 +38,71 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("fp32", "bf16", "tf32")
+METRICS = ("fd", "rfd", "prdc", "kid", "fd_inf")
+KNN_METRICS = ("prdc", "kid")  # metrics that need the real and generated features themselves
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    precision = str(precision).lower()
+    if precision not in PRECISIONS:
+        raise FidmedError(f"eval.precision={precision!r}; choose one of {', '.join(PRECISIONS)} (fp32 is exact, "
+                          f"the others are opt-in speed-ups whose FD deviation is measured in benchmarks/).")
+    if precision == "tf32" and device.type != "cuda":
+        raise FidmedError("eval.precision=tf32 needs a CUDA device (TF32 exists on Ampere and newer GPUs only); "
+                          "use eval.precision=fp32 (or bf16) on the CPU.")
+    return precision
+
+
+@contextlib.contextmanager
+def forward_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Context for the extractor forward passes. Moments and FD stay float64 whatever this is.
+
+    fp32: TF32 switched OFF for matmuls and cuDNN convolutions (PyTorch enables cuDNN TF32 by default, which
+    would make "fp32" GPU features TF32); bf16: autocast to bfloat16; tf32: TF32 on (CUDA only). The global
+    flags are restored on exit.
+    """
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_indices(n: int, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s disjoint shard of ``range(n)``: every ``world``-th index (uneven sizes allowed, no padding)."""
+    return np.arange(n)[rank::world]
+
+
 def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: int, device: torch.device,
                     keep_features: bool | dict[str, bool] = False, groups: np.ndarray | None = None,
-                    num_groups: int = 1, desc: str = "features") -> dict[str, list[StreamingMoments]]:
+                    num_groups: int = 1, desc: str = "features", precision: str = "fp32",
+                    image_shape: tuple[int, ...] | None = None) -> dict[str, list[StreamingMoments]]:
     """Read ``source`` once and accumulate moments for every extractor.
 
     ``groups`` (one integer per source index, in ``range(num_groups)``) splits the images into disjoint
     groups with separate moments, e.g. the two halves of the real set for relative FD.
+
+    Distributed: when torch.distributed is initialised, this rank reads only its shard
+    ``shard_indices(len(source), rank, world)`` and the moments are all-reduced exactly at the end (kept
+    features are gathered with their source indices), so every rank returns the single-process result.
+    Every rank must call this with the same arguments. ``image_shape``: expected (C, H, W) of every batch.
     """
     by_preprocessing: dict[Any, list[torch.nn.Module]] = defaultdict(list)
     for ex in extractors:
@@ -49,28 +110,60 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
     keep = keep_features if isinstance(keep_features, dict) else {ex.name: bool(keep_features) for ex in extractors}
     moments = {ex.name: [StreamingMoments(ex.feature_dim, keep_features=keep[ex.name]) for _ in range(num_groups)]
                for ex in extractors}
-    total = len(source)
-    with tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True) as bar:
-        for indices, images in source.batches(batch_size):
+    rank, world = dist_rank_world()
+    shard = shard_indices(len(source), rank, world)
+    with tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True,
+              disable=rank != 0) as bar:
+        for batch_no, (indices, images) in enumerate(source.batches(batch_size, shard)):
+            if image_shape is None:
+                image_shape = tuple(images.shape[1:])
+            elif tuple(images.shape[1:]) != tuple(image_shape):
+                raise FidmedError(f"{desc}: batch {batch_no} (images {int(indices[0])}-{int(indices[-1])}) has "
+                                  f"shape {tuple(images.shape[1:])} (C, H, W) but the images before were "
+                                  f"{tuple(image_shape)}; all images of a set must share one size and mode "
+                                  f"(re-prepare the folder with `fidmed prepare`).")
+            idx_t = torch.as_tensor(indices, dtype=torch.int64)
             for spec, members in by_preprocessing.items():
                 x = preprocess(images, spec).to(device)
                 for ex in members:
-                    with torch.no_grad():
-                        feats = ex(x).to(torch.float64)
+                    with torch.no_grad(), forward_precision(precision, device):
+                        feats = ex(x)
+                    feats = feats.to(torch.float64)  # bf16 features widen exactly
                     if not torch.isfinite(feats).all():
                         raise FidmedError(f"extractor {ex.name} produced NaN/Inf features for images "
-                                          f"{int(indices[0])}-{int(indices[-1])}; check its weights file "
-                                          f"(`fidmed weights list`) and the input images.")
+                                          f"{int(indices[0])}-{int(indices[-1])} (batch {batch_no} of {desc}); "
+                                          f"check its weights file (`fidmed weights list`) and the input images.")
                     if groups is None:
-                        moments[ex.name][0].update(feats)
+                        moments[ex.name][0].update(feats, idx_t if keep[ex.name] else None)
                     else:
                         g = torch.as_tensor(groups[indices], device=feats.device)
                         for k in range(num_groups):
                             sel = g == k
                             if bool(sel.any()):
-                                moments[ex.name][k].update(feats[sel])
+                                moments[ex.name][k].update(feats[sel], idx_t[sel.cpu()] if keep[ex.name] else None)
             bar.update(len(indices))
+    if world > 1:
+        for ex in extractors:
+            for m in moments[ex.name]:
+                m.all_reduce()
     return moments
+
+
+def features_in_index_order(m: StreamingMoments) -> np.ndarray:
+    """Kept features sorted by their source index (the same order whatever the sharding or grouping)."""
+    feats = m.features
+    idx = m.indices
+    return feats if idx is None else feats[np.argsort(idx, kind="stable")]
+
+
+def moments_for_fd(m: StreamingMoments) -> StreamingMoments:
+    """``m`` without kept features where the FD does not need them (n >= d), so that keeping features for kNN
+    metrics never changes the FD route: FD numbers are the same whichever metrics were asked for."""
+    if not m.keep_features or m.count < m.dim:
+        return m
+    state = {k: v for k, v in m.state_dict().items() if k not in ("features", "indices")}
+    state["keep_features"] = False
+    return StreamingMoments.from_state_dict(state)
 
 
 def _copy(m: StreamingMoments) -> StreamingMoments:
@@ -97,11 +190,23 @@ def split_groups(n: int, seed: int) -> np.ndarray:
 
 
 class Evaluator:
-    """Evaluates generators against one real set with several extractors in one pass per image source."""
+    """Evaluates generators against one real set with several extractors in one pass per image source.
+
+    ``metrics``: any of fd, rfd, prdc (precision, recall, density, coverage with ``knn_k`` neighbours), kid,
+    fd_inf. Raw features are kept only where a metric needs them (prdc, kid: both sets; fd_inf: the generated
+    set) or where a set is smaller than the feature dimension (exact FD route). ``precision``: fp32 | bf16 |
+    tf32 for the extractor forward passes (moments and FD are float64 always).
+
+    Distributed: construct and call on every rank of an initialised process group; each rank reads a disjoint
+    shard and gets the single-process result (``collect_moments``). Rank 0 writes the real-statistics cache,
+    the other ranks wait at a barrier.
+    """
 
     def __init__(self, extractors: Sequence[torch.nn.Module], real: DatasetSource, *, cache_dir=None,
                  batch_size: int = 50, device: str | torch.device | None = "auto", real_split_seed: int = 0,
-                 metrics: Iterable[str] = ("fd", "rfd")) -> None:
+                 metrics: Iterable[str] = ("fd", "rfd"), knn_k: int = DEFAULT_K, precision: str = "fp32",
+                 kid_subsets: int = KID_N_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                 metric_seed: int = 0) -> None:
         if not extractors:
             raise FidmedError("no extractor selected; choose one with extractor=NAME or extractor=[A,B].")
         self.extractors = list(extractors)
@@ -111,14 +216,30 @@ class Evaluator:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.real_split_seed = int(real_split_seed)
         self.metrics = [m.lower() for m in metrics]
-        unknown = set(self.metrics) - {"fd", "rfd"}
+        unknown = set(self.metrics) - set(METRICS)
         if unknown:
-            raise FidmedError(f"unknown metric(s) {sorted(unknown)}; available: fd, rfd.")
+            raise FidmedError(f"unknown metric(s) {sorted(unknown)}; available: {', '.join(METRICS)}.")
+        if "fd" not in self.metrics:
+            self.metrics.insert(0, "fd")  # every other metric's record builds on the FD pass
+        self.knn_k = int(knn_k)
+        if self.knn_k < 1:
+            raise FidmedError(f"eval.knn_k={knn_k} must be >= 1 (the study used 5).")
+        self.precision = check_precision(precision, self.device)
+        self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
+        self.metric_seed = int(metric_seed)
         if len(real) < 4:
             raise FidmedError(f"the real set has {len(real)} images; FD needs at least 4 (2 per split half).")
         for ex in self.extractors:
             ex.to(self.device).eval()
         self._real_stats: dict[str, RealStats] | None = None
+
+    @property
+    def needs_real_features(self) -> bool:
+        return any(m in KNN_METRICS for m in self.metrics)
+
+    @property
+    def needs_gen_features(self) -> bool:
+        return self.needs_real_features or "fd_inf" in self.metrics
 
     # --------------------------------------------------------------------------------------------------
     def _real_record(self, ex) -> dict[str, Any]:
@@ -126,12 +247,17 @@ class Evaluator:
         return {"extractor": ex.name, "weights": ex.weights_label, "preprocessing": ex.preprocessing.key,
                 "feature_dim": ex.feature_dim, "dataset": desc.get("name"),
                 "manifest_sha256": desc.get("manifest_sha256"), "num_real": len(self.real),
-                "real_split_seed": self.real_split_seed, "dtype": "float64", "selection": "first-N-by-index"}
+                "real_split_seed": self.real_split_seed, "dtype": "float64", "selection": "first-N-by-index",
+                "precision": self.precision,
+                "features_kept": bool(self.needs_real_features or (len(self.real) // 2) < ex.feature_dim)}
 
     def real_stats(self) -> dict[str, RealStats]:
         """Real statistics per extractor, from the cache where valid, else one pass for all missing ones."""
         if self._real_stats is not None:
             return self._real_stats
+        import torch.distributed as dist
+
+        rank, world = dist_rank_world()
         n = len(self.real)
         stats: dict[str, RealStats] = {}
         missing = []
@@ -145,41 +271,80 @@ class Evaluator:
                 stats[ex.name] = RealStats(full, parts[0], parts[1], record, from_cache=True)
             else:
                 missing.append(ex)
+        if world > 1:  # all ranks must agree on what to compute (a file may appear between two ranks' checks)
+            flags = torch.tensor([1.0 if ex in missing else 0.0 for ex in self.extractors], dtype=torch.float64,
+                                 device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flags)
+            missing = [ex for ex, f in zip(self.extractors, flags.tolist(), strict=True) if f > 0]
         if missing:
-            # Keep the raw features when the split halves are smaller than the feature dimension: the exact
-            # FD route for n < d needs them (REFERENCE.md section 5).
-            keep = {ex.name: (n // 2) < ex.feature_dim for ex in missing}
+            # Keep the raw features when a kNN metric needs them, or when the split halves are smaller than the
+            # feature dimension: the exact FD route for n < d needs them (REFERENCE.md section 5).
+            keep = {ex.name: self._real_record(ex)["features_kept"] for ex in missing}
             groups = split_groups(n, self.real_split_seed)
             halves = collect_moments(self.real, missing, self.batch_size, self.device, keep, groups, 2,
-                                     desc="real images")
+                                     desc="real images", precision=self.precision)
             for ex in missing:
                 a, b = halves[ex.name]
                 record = self._real_record(ex)
                 full = _copy(a).merge(b)
                 stats[ex.name] = RealStats(full, a, b, record)
-                if record["manifest_sha256"]:
+                if record["manifest_sha256"] and rank == 0:
                     arrays = {f"a.{k}": v for k, v in a.state_dict().items()}
                     arrays.update({f"b.{k}": v for k, v in b.state_dict().items()})
                     self.cache.save(record, arrays)
+            if world > 1:
+                dist.barrier()  # the cache files exist (rank 0 wrote them atomically) before anyone goes on
         self._real_stats = stats
         return stats
 
-    def evaluate(self, gen: GeneratorSource, context: dict[str, Any] | None = None,
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the real images."""
+        first = next(iter(self.real.batches(1, [0])))[1]
+        return tuple(first.shape[1:])
+
+    def check_generator(self, gen: GeneratorSource) -> None:
+        """A generator's images must have the real images' channels (and size)."""
+        shape = self.image_shape()
+        c = getattr(gen.G, "img_channels", None)
+        r = getattr(gen.G, "img_resolution", None)
+        if c is not None and int(c) != shape[0]:
+            raise FidmedError(f"the generator outputs {c}-channel images but the real images "
+                              f"({self.real.description.get('name')}) have {shape[0]} channel(s); evaluate it "
+                              f"against the modality it was trained on (or re-prepare the real set with "
+                              f"channels={c}).")
+        if r is not None and int(r) != shape[1]:
+            raise FidmedError(f"the generator makes {r}x{r} images but the real images are {shape[1]}x{shape[2]}; "
+                              f"evaluate it against real images of its training resolution.")
+
+    def evaluate(self, gen, context: dict[str, Any] | None = None,
                  desc: str = "generated images") -> list[MetricRecord]:
-        """FD (and relative FD) of ``gen`` against the real set, for every extractor."""
+        """Every requested metric of ``gen`` (a GeneratorSource or DatasetSource) against the real set."""
         real = self.real_stats()
-        # Features are kept only where a set is smaller than the feature dimension: the exact n < d routes
-        # ("nuclear" with both sets' features, "mixed" with the small set's) need them (fidmed.metrics.fd).
-        keep = {ex.name: len(gen) < ex.feature_dim for ex in self.extractors}
-        moments = collect_moments(gen, self.extractors, self.batch_size, self.device, keep, desc=desc)
+        if isinstance(gen, GeneratorSource):
+            self.check_generator(gen)
+            shape = None
+        else:
+            shape = self.image_shape()
+            first = tuple(next(iter(gen.batches(1, [0])))[1].shape[1:])
+            if first[0] != shape[0]:
+                raise FidmedError(f"the generated images have {first[0]} channel(s) but the real images have "
+                                  f"{shape[0]}; convert one folder (e.g. `fidmed prepare ... ` with the same "
+                                  f"channels) so that both match.")
+            shape = first
+        # Features are kept where a metric needs them or a set is smaller than the feature dimension (the exact
+        # n < d FD routes, fidmed.metrics.fd).
+        keep = {ex.name: self.needs_gen_features or len(gen) < ex.feature_dim for ex in self.extractors}
+        moments = collect_moments(gen, self.extractors, self.batch_size, self.device, keep, desc=desc,
+                                  precision=self.precision, image_shape=shape)
         records: list[MetricRecord] = []
+        ctx = context or {}
         for ex in self.extractors:
             g = moments[ex.name][0]
             r = real[ex.name]
             protocol = self.protocol(ex, gen, r)
-            fd = frechet_distance_from_moments(g, r.full)
+            fd = frechet_distance_from_moments(moments_for_fd(g), moments_for_fd(r.full))
             records.append(MetricRecord(ex.name, ex.study_name, "fd", fd.value,
-                                        {"route": fd.route, "mean_term": fd.mean_term}, protocol, context or {}))
+                                        {"route": fd.route, "mean_term": fd.mean_term}, protocol, ctx))
             if "rfd" in self.metrics:
                 split = frechet_distance_from_moments(r.half_a, r.half_b)
                 value = fd.value / split.value if split.value > 0 else float("nan")
@@ -187,18 +352,44 @@ class Evaluator:
                                             {"fd": fd.value, "fd_real_split": split.value,
                                              "split_route": split.route,
                                              "n_half_a": r.half_a.count, "n_half_b": r.half_b.count},
-                                            protocol, context or {}))
+                                            protocol, ctx))
+            if self.needs_gen_features:
+                gen_feats = features_in_index_order(g)
+            if self.needs_real_features:
+                real_feats = features_in_index_order(r.full)
+            if "prdc" in self.metrics:
+                res = prdc(real_feats, gen_feats, self.knn_k, device=self.device)
+                details = {"k": res.k, "argument_order": ARGUMENT_ORDER, "distance_dtype": res.distance_dtype,
+                           "n_real": res.n_real, "n_gen": res.n_fake}
+                for name in ("precision", "recall", "density", "coverage"):
+                    records.append(MetricRecord(ex.name, ex.study_name, name, getattr(res, name), details,
+                                                {**protocol, "knn_k": res.k}, ctx))
+            if "kid" in self.metrics:
+                res = kid(real_feats, gen_feats, self.kid_subsets, self.kid_subset_size, self.metric_seed,
+                          device=self.device)
+                records.append(MetricRecord(ex.name, ex.study_name, "kid", res.value,
+                                            {**res.as_dict(), "kernel": "(x.y/d+1)^3", "estimator": "unbiased"},
+                                            protocol, ctx))
+            if "fd_inf" in self.metrics:
+                res = fd_infinity(gen_feats, moments_for_fd(r.full), seed=self.metric_seed)
+                records.append(MetricRecord(ex.name, ex.study_name, "fd_inf", res.value, res.as_dict(),
+                                            protocol, ctx))
         return records
 
-    def protocol(self, ex, gen: GeneratorSource, real: RealStats) -> dict[str, Any]:
+    def protocol(self, ex, gen, real: RealStats) -> dict[str, Any]:
         """Everything that made a number: extractor, weights, input, resizer, quantisation, N, seeds."""
         p = ex.preprocessing
+        desc = gen.description
         return {
             "extractor": ex.name, "weights": ex.weights_label, "random_init": bool(ex.random_init),
             "feature_dim": ex.feature_dim, "input_size": p.size, "resizer": p.resizer, "channels": p.channels,
-            "quantisation": QUANTISATION, "n_real": real.full.count, "n_gen": len(gen),
-            "seeds": gen.description["seeds"], "truncation_psi": gen.truncation_psi,
-            "noise_mode": gen.noise_mode, "real_dataset": self.real.description.get("name"),
+            "quantisation": QUANTISATION if desc.get("kind") == "generator" else "as stored (8-bit files)",
+            "n_real": real.full.count, "n_gen": len(gen),
+            "seeds": desc.get("seeds"), "truncation_psi": desc.get("truncation_psi"),
+            "noise_mode": desc.get("noise_mode"), "gen_source": desc.get("kind"),
+            "gen_dataset": desc.get("name"), "gen_manifest_sha256": desc.get("manifest_sha256"),
+            "real_dataset": self.real.description.get("name"),
             "real_manifest_sha256": self.real.description.get("manifest_sha256"),
-            "real_split_seed": self.real_split_seed, "stats_dtype": "float64",
+            "real_split_seed": self.real_split_seed, "stats_dtype": "float64", "forward_precision": self.precision,
+            "metric_seed": self.metric_seed,
         }

@@ -12,13 +12,17 @@ from typing import Any, Iterable
 from fidmed.atomic import atomic_write
 
 RANDOM_BANNER = "RANDOM-INIT"
+# metrics shown in the table only when present (precision/recall in the standard real-first order, see
+# fidmed.metrics.knn)
+OPTIONAL_COLUMNS = {"precision": "P", "recall": "R", "density": "D", "coverage": "C", "kid": "KID",
+                    "fd_inf": "FD-inf"}
 
 
 @dataclass
 class MetricRecord:
     extractor: str
     study_name: str
-    metric: str  # 'fd' | 'rfd'
+    metric: str  # 'fd' | 'rfd' | 'precision' | 'recall' | 'density' | 'coverage' | 'kid' | 'fd_inf'
     value: float
     details: dict[str, Any] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +65,8 @@ def results_table_rows(records: Iterable[MetricRecord]) -> list[dict[str, Any]]:
         elif r.metric == "rfd":
             row["rFD"] = r.value
             row["FD real split"] = r.details.get("fd_real_split")
+        elif r.metric in OPTIONAL_COLUMNS:
+            row[OPTIONAL_COLUMNS[r.metric]] = r.value
     return list(rows.values())
 
 
@@ -71,7 +77,9 @@ def format_results_table(records: Iterable[MetricRecord], title: str = "Results"
 
     rows = results_table_rows(records)
     table = Table(title=title, show_lines=False)
-    columns = ["extractor", "FD", "rFD", "FD real split", "route", "weights", "input", "N gen / real", "seeds"]
+    columns = ["extractor", "FD", "rFD", "FD real split", "route"]
+    columns += [c for c in OPTIONAL_COLUMNS.values() if any(c in row for row in rows)]
+    columns += ["weights", "input", "N gen / real", "seeds"]
     for c in columns:
         table.add_column(c, overflow="fold")
     for row in rows:

@@ -72,6 +72,12 @@ class DatasetSource:
         total = len(self.dataset)
         if self.num is None:
             self.num = total
+        elif int(self.num) > total:
+            from fidmed.errors import DataError
+
+            raise DataError(f"{int(self.num)} images were requested from "
+                            f"{getattr(self.dataset, 'name', type(self.dataset).__name__)} but it holds only {total}; "
+                            f"lower the number requested (--num-gen/--num-real, eval.num_real) or add images.")
 
     @property
     def description(self) -> dict:
