@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import time
 from pathlib import Path
@@ -77,14 +78,25 @@ def main() -> None:
         f"{torch.get_num_threads()} intra-op threads; load average after the run {load[0]:.2f}",
         f"- fp32{' + bf16 autocast' if args.bf16 else ''}, batch {args.batch}, random weights, best of "
         f"{args.repeats} timed batches after one warm-up; preprocessing (resize) not included",
-        f"- command: `python benchmarks/extractors.py {('--only ' + ' '.join(args.only) + ' ') if args.only else ''}"
-        f"--out {args.out}`",
+        f"- command: `python benchmarks/extractors.py {' '.join(sys.argv[1:])}`",
         "",
         "| extractor | input | dim | wall s / batch | CPU s / batch | images/s (wall) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['size']} | {r['dim']} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['ips']:.1f} |")
+    # Cost of Keras-faithful TF "same" padding: the Keras-layout network vs the plain torchvision network of the
+    # same architecture at the same input size (both random weights, same batch).
+    by_name = {r["name"]: r for r in rows}
+    pairs = [(k, t) for k, t in (("keras_resnet", "resnet"), ("keras_inception", "inception")) if k in by_name]
+    if pairs:
+        lines += ["", "Keras-faithful network vs torchvision network of the same architecture, same input size:", "",
+                  "| Keras-faithful | torchvision | input | Keras CPU s | torchvision CPU s | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for k, t in pairs:
+            plain = measure(t, args.batch, args.repeats, args.device, args.bf16, by_name[k]["size"])
+            lines.append(f"| {k} | {t} | {plain['size']} | {by_name[k]['cpu']:.2f} | {plain['cpu']:.2f} | "
+                         f"{by_name[k]['cpu'] / plain['cpu']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
