@@ -108,25 +108,37 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
     from fidmed.evaluation.results import format_results_table, results_table_rows, write_results_json
     from fidmed.evaluation.sources import DatasetSource, GeneratorSource
     from fidmed.gan.checkpoint import load_generator
-    from fidmed.gan.train import read_fd_history, train_dir_for, train_or_reuse, training_fingerprint
+    from fidmed.gan.train import launch_rank, read_fd_history, train_dir_for, train_or_reuse, training_fingerprint
     from fidmed.tracking import build_tracker, image_grid
 
     run_dir = Path(run_dir)
     check_config(cfg)
-    torch.manual_seed(int(cfg.seed))
-    dataset = build_dataset(cfg.modality)
-    extractors = build_extractors(cfg)
-    real = DatasetSource(dataset, None if cfg.eval.num_real is None else int(cfg.eval.num_real))
-    if real.num > len(dataset):
-        raise FidmedError(f"eval.num_real={real.num} but the real set {getattr(dataset, 'name', '')} has only "
-                          f"{len(dataset)} images; lower eval.num_real or leave it null (all images).")
-    evaluator = Evaluator(extractors, real, cache_dir=cfg.paths.cache_dir, batch_size=int(cfg.eval.batch_size),
-                          device=cfg.eval.device, real_split_seed=int(cfg.eval.real_split_seed),
-                          metrics=list(cfg.eval.metrics))
+    rank = launch_rank()
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = build_tracker(cfg.logger, run_dir, config, job_name)
+    # The tracker comes first and is always finished (finally below), so a job that fails in any later check
+    # leaves a finished (failed) W&B run, and the next job of a multirun starts its own. Under DDP only rank 0
+    # tracks (Lightning's loggers log from rank 0 anyway).
+    tracker = build_tracker(cfg.logger if rank == 0 else None, run_dir, config, job_name)
     exit_code = 1
     try:
+        # Start the run now (W&B creates it lazily on the first log): every job, even one that only reuses a
+        # generator or fails in a check below, has its own run, so a sweep sees every trial.
+        tracker.summary({"fidmed/job": job_name, "fidmed/stage": str(cfg.stage)})
+        torch.manual_seed(int(cfg.seed))
+        dataset = build_dataset(cfg.modality)
+        extractors = build_extractors(cfg)
+        real = DatasetSource(dataset, None if cfg.eval.num_real is None else int(cfg.eval.num_real))
+        if real.num > len(dataset):
+            raise FidmedError(f"eval.num_real={real.num} but the real set {getattr(dataset, 'name', '')} has only "
+                              f"{len(dataset)} images; lower eval.num_real or leave it null (all images).")
+        evaluator = Evaluator(extractors, real, cache_dir=cfg.paths.cache_dir, batch_size=int(cfg.eval.batch_size),
+                              device=cfg.eval.device, real_split_seed=int(cfg.eval.real_split_seed),
+                              metrics=list(cfg.eval.metrics), knn_k=int(cfg.eval.get("knn_k", 5)),
+                          precision=str(cfg.eval.get("precision", "fp32")),
+                          metric_seed=int(cfg.eval.get("metric_seed", 0)),
+                          kid_subsets=int(cfg.eval.get("kid_subsets", 100)),
+                          kid_subset_size=int(cfg.eval.get("kid_subset_size", 1000)))
+
         def evaluate_during_training(G, kimg):
             gen = GeneratorSource(G, int(cfg.eval.num_gen_training), int(cfg.eval.seed_start),
                                   float(cfg.eval.truncation_psi), str(cfg.eval.noise_mode), evaluator.device)
@@ -154,7 +166,8 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         }
         if cfg.stage in ("all", "train"):
             final = train_or_reuse(cfg, dataset, tracker, evaluate_during_training, log_grid)
-            link_training_folder(run_dir, train_dir_for(cfg))
+            if rank == 0:
+                link_training_folder(run_dir, train_dir_for(cfg))
             header["training"] = {"fingerprint": training_fingerprint(cfg), "train_dir": str(train_dir_for(cfg)),
                                   "kimg": float(cfg.trainer.kimg),
                                   "fd_history": read_fd_history(train_dir_for(cfg))}
@@ -174,17 +187,30 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
                                   str(cfg.eval.noise_mode), evaluator.device)
             context = {"modality": cfg.modality.name, "augmentation": cfg.augmentation.name,
                        "generator": str(generator_path), "kimg": record.get("kimg")}
+            # Under DDP every rank evaluates its disjoint shard of the seeds; the evaluator gathers exactly.
             records = evaluator.evaluate(gen, context=context)
+            if rank != 0:  # rank 0 alone reports and writes
+                exit_code = 0
+                return {}
             log_grid(G, float(record.get("kimg") or 0))
             print(format_results_table(records, title=f"fidmed results: {cfg.modality.name} / "
                                                      f"{cfg.augmentation.name} / {cfg.model.name}"))
             rows = results_table_rows(records)
             tracker.log_table("results", rows)
             tracker.summary({f"{r.metric}/{r.label}": r.value for r in records})
+        if rank != 0:  # DDP, stage=train: rank 0 writes the job's results.json
+            exit_code = 0
+            return {}
         payload_path = write_results_json(run_dir / "results.json", records, header)
         print(f"results: {payload_path}")
         exit_code = 0
         return json.loads(payload_path.read_text())
+    except FidmedError as exc:
+        try:  # the failed run shows why in W&B; never hide the job's own error behind a logging one
+            tracker.summary({"fidmed/error": str(exc)})
+        except Exception as log_exc:  # noqa: BLE001
+            log.warning("could not record the error in the tracker: %s", log_exc)
+        raise
     finally:
         tracker.finish(exit_code)
 

@@ -65,6 +65,22 @@ def train_dir_for(cfg: Any) -> Path:
     return Path(cfg.paths.train_root) / f"{cfg.modality.name}-{cfg.augmentation.name}-{fp[:12]}"
 
 
+def launch_rank() -> int:
+    """This process's rank in a DDP launch, read from the environment the launcher set before the job started
+    (torchrun: RANK; SLURM with several tasks: SLURM_PROCID; Lightning's own children: NODE_RANK/LOCAL_RANK).
+    0 exactly for the global rank-0 process, and outside any launch."""
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_PROCID", "").isdigit():
+        return int(env["SLURM_PROCID"])
+    local, node = int(env.get("LOCAL_RANK", "0") or 0), int(env.get("NODE_RANK", "0") or 0)
+    if not (local or node):
+        return 0
+    per_node = int(env.get("LOCAL_WORLD_SIZE", "") or 0) or local + 1  # unknown per-node count: a lower bound
+    return node * per_node + local
+
+
 # --------------------------------------------------------------------------------------------------------
 class SnapshotCallback(L.Callback):
     """Every ``every_kimg``: an atomic ``last.ckpt`` (resume point) and a G_ema snapshot (evaluation)."""
@@ -101,6 +117,33 @@ class SnapshotCallback(L.Callback):
         record = pl_module.generator_snapshot()
         record["fingerprint"] = self.fingerprint
         checkpoint["fidmed"] = record
+
+
+class GradientAllReduce(L.Callback):
+    """DDP gradient averaging for the manual G/D phases: before every optimiser step, the gradients of that
+    optimiser's parameters are summed across ranks and divided by the world size (as stylegan2-ada-pytorch's
+    training loop does), so every rank applies the same update. The loss calls ``backward()`` itself several
+    times per step, so DDP's own reducer cannot be relied on for this; averaging equal gradients again is a
+    no-op, so it is harmless where the reducer did synchronise."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        import torch.distributed as dist
+
+        if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= trainer.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            if p.grad is not None:
+                p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
 
 
 class KimgProgressBar(L.Callback):
@@ -160,9 +203,11 @@ class PeriodicEvaluation(L.Callback):
             self._next = (seen // self.every + 1) * self.every
 
     def _run(self, trainer, pl_module) -> None:
+        # Every rank evaluates (the evaluator shards the seeds across an initialised process group and gathers
+        # exactly); rank 0 logs and writes.
+        kimg = pl_module.kimg
+        values = self.evaluate(pl_module.G_ema, kimg)
         if trainer.is_global_zero:
-            kimg = pl_module.kimg
-            values = self.evaluate(pl_module.G_ema, kimg)
             for logger in trainer.loggers:
                 logger.log_metrics({**values, "Progress/kimg": kimg}, step=trainer.global_step)
             line = {"kimg": kimg, **values}
@@ -197,10 +242,12 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
     train_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = training_fingerprint(cfg)
     final = train_dir / "final.pt"
-    lock = FileLock(str(train_dir / ".lock"))
     if final.is_file():
         log.info("reusing trained generator %s", final)
         return final
+    # DDP: the lock keeps *other jobs* out; the ranks of this job train together, so only rank 0 takes it (the
+    # other ranks start while rank 0 holds it and would wait forever).
+    lock = FileLock(str(train_dir / ".lock")) if launch_rank() == 0 else _NoLock()
     try:
         lock.acquire(timeout=0)
     except Exception:
@@ -223,24 +270,33 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
         augment = build_augmentation(effective_augmentation(cfg))
         module = StyleGAN2Module(cfg.model, dataset.resolution, dataset.num_channels, augment,
                                  kimg=float(cfg.trainer.kimg), log_every_steps=int(cfg.trainer.log_every_steps))
-        datamodule = ImageDataModule(dataset, batch_size=int(cfg.model.batch_size),
-                                     num_workers=int(cfg.trainer.num_workers), xflip=bool(cfg.modality.xflip),
-                                     seed=int(cfg.seed))
         callbacks: list[L.Callback] = [
             SnapshotCallback(ckpt_dir, float(cfg.trainer.snapshot_kimg), fingerprint),
             KimgProgressBar(module.total_images),
+            GradientAllReduce(),
         ]
         if evaluate_fn is not None and float(cfg.trainer.eval_kimg or 0) > 0:
             callbacks.append(PeriodicEvaluation(float(cfg.trainer.eval_kimg), evaluate_fn,
                                                 train_dir / "fd_history.jsonl", images_fn))
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
+            strategy=cfg.trainer.get("strategy", "auto"), num_nodes=int(cfg.trainer.get("num_nodes", 1)),
             max_epochs=-1, max_steps=-1, logger=tracker.lightning_logger, callbacks=callbacks,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             log_every_n_steps=int(cfg.trainer.log_every_steps), benchmark=bool(cfg.trainer.benchmark),
             default_root_dir=str(train_dir), num_sanity_val_steps=0, use_distributed_sampler=False)
+        # model.batch_size is the global minibatch (the study's 32); each DDP rank takes its share.
+        world = int(trainer.world_size)
+        if int(cfg.model.batch_size) % world:
+            raise FidmedError(f"model.batch_size={cfg.model.batch_size} does not split evenly over {world} DDP ranks "
+                              f"(trainer.devices x trainer.num_nodes); choose a batch size divisible by {world}.")
+        datamodule = ImageDataModule(dataset, batch_size=int(cfg.model.batch_size) // world,
+                                     num_workers=int(cfg.trainer.num_workers), xflip=bool(cfg.modality.xflip),
+                                     seed=int(cfg.seed))
         started = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        if world > 1:
+            _check_ranks_agree(module)
         if trainer.is_global_zero:
             if int(module.images_seen) < module.total_images:
                 raise FidmedError(f"training stopped at {module.kimg:.3f} kimg before reaching "
@@ -253,6 +309,31 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
         return final
     finally:
         lock.release()
+
+
+def _check_ranks_agree(module: torch.nn.Module) -> None:
+    """After DDP training every rank must hold the same G, D and G_ema (synchronised gradients, same updates);
+    a float64 sum and sum of squares per network, gathered from all ranks, must agree."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    sums = torch.tensor([float(sum(p.detach().double().sum() for p in net.parameters())) for net in
+                         (module.G, module.D, module.G_ema)], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.zeros_like(sums, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums.to(device))
+    if any(not torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered):
+        raise FidmedError("DDP ranks ended training with different networks (gradients were not synchronised); "
+                          "train on one device (trainer=gpu) and report this with your trainer settings.")
+
+
+class _NoLock:
+    def acquire(self, timeout: float = -1) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 def _check_resumable(last: Path, fingerprint: str) -> str:
