@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +37,7 @@ from torch import nn
 
 from fidmed.errors import FidmedError
 from fidmed.features.registry import Extractor, ExtractorSpec, register_extractor
+from fidmed.features.torch_backbones import read_checkpoint
 from fidmed.features.torch_backbones import IMAGENET_MEAN, IMAGENET_STD, _build_seeded, _check_size, _load_strict
 
 #: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD, the values dgm-eval's CLIPEncoder.transform hard-codes.
@@ -52,20 +52,6 @@ CLIP_DEPTH = 12
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _read_state(path: Path | str, what: str) -> dict[str, Any]:
-    """A state dict from ``.pth``/``.bin`` (torch.load, weights only) or ``.safetensors``."""
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise FidmedError(f"cannot read the {what} weights file {path}: {e}; delete it and get it again") from e
-    if not isinstance(state, Mapping):
-        raise FidmedError(f"{path} is not a {what} checkpoint (a state dict was expected, got {type(state).__name__})")
-    return dict(state)
 
 
 def _depth_option(spec: ExtractorSpec, full: int) -> int:
@@ -156,7 +142,7 @@ class DINOv2ViT(_NormalisedExtractor):
         depth = _depth_option(spec, DINOV2_DEPTH)
         self.net = _build_seeded(lambda: make_dinov2_vitl14(size, depth), spec.seed)
         if weights_path is not None:
-            state = dinov2_state_dict(_read_state(weights_path, "DINOv2"), size // DINOV2_PATCH)
+            state = dinov2_state_dict(read_checkpoint(weights_path, "DINOv2"), size // DINOV2_PATCH)
             _load_strict(self.net, state, weights_path, "DINOv2 ViT-L/14")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +188,7 @@ class CLIPViT(_NormalisedExtractor):
         depth = _depth_option(spec, CLIP_DEPTH)
         self.net = _build_seeded(lambda: make_clip_vitb32(depth), spec.seed)
         if weights_path is not None:
-            state = open_clip_visual_state_dict(_read_state(weights_path, "CLIP"), self.net)
+            state = open_clip_visual_state_dict(read_checkpoint(weights_path, "CLIP"), self.net)
             _load_strict(self.net, state, weights_path, "CLIP ViT-B/32")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

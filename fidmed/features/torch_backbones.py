@@ -42,9 +42,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _read_checkpoint(path: Path | str, what: str) -> dict[str, Any]:
+def read_checkpoint(path: Path | str, what: str) -> dict[str, Any]:
+    """A state dict from ``.pth``/``.bin`` (torch.load, weights only) or ``.safetensors``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise FidmedError(f"cannot read the {what} weights file {path}: {e}; delete it and get it again") from e
     if not isinstance(state, Mapping):
@@ -132,7 +138,7 @@ class TorchvisionCNN(_ImageNetExtractor):
 
 def load_torchvision_weights(net: nn.Module, path: Path | str) -> None:
     """A torchvision ``*.pth`` state dict (e.g. ``resnet50-0676ba61.pth``), loaded strictly with its fc."""
-    _load_strict(net, _read_checkpoint(path, "torchvision"), path, type(net).__name__)
+    _load_strict(net, read_checkpoint(path, "torchvision"), path, type(net).__name__)
 
 
 def swav_trunk_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,7 +155,7 @@ def swav_trunk_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 def load_swav_weights(net: nn.Module, path: Path | str) -> None:
     """``swav_800ep_pretrain.pth.tar`` into a torchvision resnet50; every trunk key must be present (fc stays)."""
-    trunk = swav_trunk_state_dict(_read_checkpoint(path, "SwAV"))
+    trunk = swav_trunk_state_dict(read_checkpoint(path, "SwAV"))
     expected = {k for k in net.state_dict() if not k.startswith("fc.")}
     missing, unexpected = sorted(expected - set(trunk)), sorted(set(trunk) - expected)
     if missing or unexpected:
@@ -208,7 +214,7 @@ class DINOViT(_ImageNetExtractor):
         super().__init__(spec, weights_path)
         self.net = _build_seeded(make_dino_vits8, spec.seed)
         if weights_path is not None:
-            _load_strict(self.net, dino_state_dict(_read_checkpoint(weights_path, "DINO")), weights_path,
+            _load_strict(self.net, dino_state_dict(read_checkpoint(weights_path, "DINO")), weights_path,
                          "DINO ViT-S/8")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +259,7 @@ class SwinB(_ImageNetExtractor):
         super().__init__(spec, weights_path)
         self.net = _build_seeded(make_swin_base, spec.seed)
         if weights_path is not None:
-            state = _read_checkpoint(weights_path, "Swin")
+            state = read_checkpoint(weights_path, "Swin")
             _load_strict(self.net, swin_state_dict(state, self.net), weights_path, "Swin-B")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
