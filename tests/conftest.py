@@ -35,3 +35,16 @@ def compose_cfg(tmp_path):
         return cfg
 
     return _compose
+
+
+def extractor_cfg(name: str, path: Path | None = None, **over) -> dict:
+    """conf/extractor/NAME.yaml as a dict; ``path`` pins the weights to that (test-made) file by its sha256."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "extractor" / f"{name}.yaml"), resolve=True)
+    if path is not None:
+        cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    cfg.update(over)
+    return cfg

@@ -29,6 +29,8 @@ from fidmed.features.modern_backbones import interpolate_pos_embed_like_hub
 from fidmed.features.preprocess import Preprocessing, preprocess
 from fidmed.features.registry import build_extractor
 
+from conftest import extractor_cfg
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -37,12 +39,7 @@ CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
-def _cfg(name: str, path: Path | None = None, **over) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
-    if path is not None:
-        cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    cfg.update(over)
-    return cfg
+_cfg = extractor_cfg
 
 
 def _randomise(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

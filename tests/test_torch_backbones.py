@@ -21,17 +21,14 @@ from omegaconf import OmegaConf
 from fidmed.errors import FidmedError
 from fidmed.features.registry import build_extractor
 
+from conftest import extractor_cfg
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def _cfg(name: str, path: Path | None = None, **over) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
-    if path is not None:
-        cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    cfg.update(over)
-    return cfg
+_cfg = extractor_cfg
 
 
 def _randomise(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -31,10 +31,10 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from fidmed.data.prepare.common import (BadSource, Discovery, Emitter, Preparer, Quantize, Source, list_files,
+from fidmed.data.prepare.common import (Discovery, Emitter, Preparer, Quantize, Source, list_files,
                                         require_medical, require_unique_stems, strip_suffix, study_pad_split,
                                         to_uint8)
-from fidmed.data.prepare.mri import NIFTI_SUFFIXES, read_nifti_like_the_study
+from fidmed.data.prepare.mri import NIFTI_SUFFIXES, read_4d_like_the_study
 from fidmed.errors import DataError
 
 
@@ -112,16 +112,9 @@ class CardiacPreparer(Preparer):
     def convert(self, src: Path, source: Source, emit: Emitter) -> None:
         sitk = require_medical("SimpleITK")
         path = src / source.files[0]
-        image = read_nifti_like_the_study(path, self.nan, emit)
+        image = read_4d_like_the_study(path, self.nan, emit, self.frames, "a 4-D cine volume (x, y, slice, time).",
+                                       "time frame", "--frames")
         size = image.GetSize()
-        if image.GetDimension() != 4:
-            raise BadSource(f"{path} is {image.GetDimension()}-D (size {size}); expected a 4-D cine volume "
-                            f"(x, y, slice, time).")
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise BadSource(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1.")
-        missing = [t for t in self.frames if not 0 <= t < size[3]]
-        if missing:
-            raise BadSource(f"{path} has {size[3]} time frame(s); frame(s) {missing} were asked for (use --frames).")
         prefix = strip_suffix(Path(source.files[0]).name, NIFTI_SUFFIXES)
         for t in self.frames:
             volume = image[:, :, :, t]

@@ -118,6 +118,24 @@ def read_nifti_like_the_study(path: Path, nan: str, emit: Emitter) -> "object":
     return read_volume(path)
 
 
+def read_4d_like_the_study(path: Path, nan: str, emit: Emitter, picks, expected: str, what: str,
+                           option: str) -> "object":
+    """A single-component 4-D volume (:func:`read_nifti_like_the_study`) whose 4th axis holds every index in
+    ``picks``; anything else is a :class:`BadSource` naming the file. ``expected`` describes the axes for the
+    message, ``what`` names the 4th-axis entries (e.g. "time frame"), ``option`` the flag that chooses them."""
+    image = read_nifti_like_the_study(path, nan, emit)
+    size = image.GetSize()
+    if image.GetDimension() != 4:
+        raise BadSource(f"{path} is {image.GetDimension()}-D (size {size}); expected {expected}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise BadSource(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1.")
+    missing = [k for k in picks if not 0 <= k < size[3]]
+    if missing:
+        raise BadSource(f"{path} has {size[3]} {what}(s){' along its 4th axis' if what == 'sequence' else ''}; "
+                        f"{what}(s) {missing} were asked for (use {option}).")
+    return image
+
+
 def discover_nifti(src: Path, what: str, hint: str) -> list[str]:
     files = list_files(src, NIFTI_SUFFIXES)
     if not files:
@@ -166,17 +184,10 @@ class MRIPreparer(Preparer):
     def convert(self, src: Path, source: Source, emit: Emitter) -> None:
         sitk = require_medical("SimpleITK")
         path = src / source.files[0]
-        image = read_nifti_like_the_study(path, self.nan, emit)
+        image = read_4d_like_the_study(path, self.nan, emit, self.sequences,
+                                       "a 4-D MSD brain volume (x, y, z, sequence) -- is it a label file?",
+                                       "sequence", "--sequences")
         size = image.GetSize()
-        if image.GetDimension() != 4:
-            raise BadSource(f"{path} is {image.GetDimension()}-D (size {size}); expected a 4-D MSD brain volume "
-                            f"(x, y, z, sequence) -- is it a label file?")
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise BadSource(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1.")
-        missing = [s for s in self.sequences if not 0 <= s < size[3]]
-        if missing:
-            raise BadSource(f"{path} has {size[3]} sequence(s) along its 4th axis; sequence(s) {missing} were asked "
-                            f"for (use --sequences).")
         if size[0] > self.pad_to or size[1] > self.pad_to:
             raise BadSource(f"{path} has {size[0]}x{size[1]} (WxH) slices, larger than the padding target "
                             f"{self.pad_to}x{self.pad_to} (use --pad-to).")
