@@ -33,11 +33,15 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py
+
+from machine import cpu_name  # noqa: E402
 
 from fidmed.augment import Augmentation  # noqa: E402
 from fidmed.augment.ada import ADA  # noqa: E402
 from fidmed.augment.apa import APA  # noqa: E402
 from fidmed.augment.diffaugment import DiffAugment  # noqa: E402
+
 
 
 def settings() -> dict[str, Augmentation]:
@@ -72,12 +76,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: 
 
 
 def machine_info(device: torch.device) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
              f"- Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
              f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")]

@@ -34,9 +34,13 @@ import numpy as np
 import PIL.Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py
+
+from machine import cpu_name  # noqa: E402
 
 from fidmed.data.phantom import render_phantoms  # noqa: E402
 from fidmed.data.prepare import (CardiacPreparer, CTPreparer, DicomPreparer, MRIPreparer, XrayPreparer,  # noqa: E402
+
                                  run_prepare)
 
 # stylegan2-ada-pytorch README, "Expected training time" (--cfg stylegan2, NVIDIA V100s): sec/kimg, lower end.
@@ -233,12 +237,7 @@ def loader_rows(work: Path, n: int, batches: int, rates: dict[tuple[int, str], f
 
 
 def machine_info() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     import SimpleITK as sitk
 
     lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores",

@@ -48,3 +48,15 @@ def extractor_cfg(name: str, path: Path | None = None, **over) -> dict:
         cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     cfg.update(over)
     return cfg
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny networks: with several intra-op threads on a loaded 2-core machine a step took ~100x longer
+    (measured 1.7 s vs 0.016 s per Gmain call), so run single-threaded and restore the setting afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

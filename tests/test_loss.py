@@ -20,14 +20,7 @@ from fidmed.gan.networks import Discriminator, Generator
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """These networks are tiny: with several intra-op threads on a loaded 2-core machine a step took ~100x longer
-    (measured 1.7 s vs 0.016 s per Gmain call), so run single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_networks(c_dim: int = 0) -> tuple[Generator, Discriminator]:
