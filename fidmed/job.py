@@ -137,7 +137,8 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
                           precision=str(cfg.eval.get("precision", "fp32")),
                           metric_seed=int(cfg.eval.get("metric_seed", 0)),
                           kid_subsets=int(cfg.eval.get("kid_subsets", 100)),
-                          kid_subset_size=int(cfg.eval.get("kid_subset_size", 1000)))
+                          kid_subset_size=int(cfg.eval.get("kid_subset_size", 1000)),
+                          num_workers=cfg.eval.get("num_workers", "auto"))
 
         def evaluate_during_training(G, kimg):
             gen = GeneratorSource(G, int(cfg.eval.num_gen_training), int(cfg.eval.seed_start),

@@ -66,3 +66,22 @@ def test_evaluate_errors(tmp_path):
                                  "--device", "cpu", "--extractor", "inception_tf"])
     with pytest.raises(FidmedError, match="neither a folder of images nor a generator file"):
         args.func(args)
+
+
+def test_resizer_override_is_used_and_recorded(tmp_path):
+    from fidmed.errors import ConfigError
+
+    gen, real = _folder(tmp_path / "gen", 4, 1), _folder(tmp_path / "real", 5, 2)
+    out = tmp_path / "res.json"
+    args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "resnet", "--weights", "random",
+                                 "--device", "cpu", "--resizer", "torch_bilinear", "--out", str(out),
+                                 "--num-workers", "2"])
+    assert args.func(args) == 0
+    res = json.loads(out.read_text())["results"]
+    assert {r["protocol"]["resizer"] for r in res} == {"torch_bilinear"}
+    default = build_cli_extractors(["resnet"], "random", None)[0]
+    assert default.preprocessing.resizer == "clean"  # the override did not leak into the registry's config
+    args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "resnet", "--weights", "random",
+                                 "--device", "cpu", "--resizer", "bilinear"])
+    with pytest.raises(ConfigError, match="unknown resizer 'bilinear'; choose one of .*torch_bilinear"):
+        args.func(args)

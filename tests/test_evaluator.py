@@ -231,3 +231,89 @@ def test_two_gloo_processes_equal_single_process(tmp_path, gen_kind):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["from_cache"]
         assert [v for *_, v in got["records"]] == pytest.approx([v for *_, v in single], rel=1e-8)
+
+
+# ------------------------------------------------------------------------- single pass and input pipeline
+def test_single_pass_equals_separate_passes_bit_for_bit(tmp_path):
+    """All extractors in one pass give exactly the numbers of one evaluation per extractor (fp32, CPU)."""
+    from fidmed.evaluation.cli import build_cli_extractors
+
+    real, gen = ToyDataset(14, 0, size=24), ToyDataset(12, 1, size=24, name="gen")
+    # a real network (random-init TF-Inception, float32 BLAS) besides the toy ones
+    exs = _extractors() + build_cli_extractors(["inception_tf"], "random", None)
+    kw = dict(batch_size=5, device="cpu", metrics=["fd", "rfd", "prdc", "kid"], knn_k=3, kid_subsets=3,
+              kid_subset_size=5)
+    together = _by(Evaluator(exs, DatasetSource(real), **kw).evaluate(DatasetSource(gen)))
+    for ex in exs:
+        alone = _by(Evaluator([ex], DatasetSource(real), **kw).evaluate(DatasetSource(gen)))
+        assert alone and all(key[0] == ex.name for key in alone)
+        for key, rec in alone.items():
+            assert together[key].value == rec.value, key
+
+
+class _CountingDataset(ToyDataset):
+    """Fails at image ``fail_at`` (if set) like an unreadable file would."""
+
+    fail_at: int | None = None
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise OSError(f"cannot read image {i}")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers,prefetch", [(1, 1), (3, 2), (4, 5)])
+def test_pipeline_threads_give_identical_batches(workers, prefetch):
+    from fidmed.evaluation.pipeline import prepared_batches
+
+    src = DatasetSource(ToyDataset(23, 0, channels=3, size=20))
+    specs = [Preprocessing("clean", 29), Preprocessing("nearest", 8), Preprocessing("clean", 29)]
+    shard = np.arange(23)[1::2]  # a rank's shard: not contiguous
+    ref = list(prepared_batches(src, 4, shard, specs, torch.device("cpu"), workers=0))
+    got = list(prepared_batches(src, 4, shard, specs, torch.device("cpu"), workers=workers, prefetch=prefetch))
+    assert len(ref) == len(got) == 3 and len(ref[0].inputs) == 2  # the duplicate spec is computed once
+    for a, b in zip(ref, got, strict=True):
+        assert np.array_equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+        for spec in a.inputs:
+            assert torch.equal(a.inputs[spec], b.inputs[spec])
+    assert np.concatenate([b.indices for b in got]).tolist() == shard.tolist()
+    # and each input is what preprocess() gives for the whole batch at once
+    for b in got:
+        for spec, x in b.inputs.items():
+            assert torch.equal(x, preprocess(b.images, spec))
+
+
+def test_pipeline_reraises_source_errors_and_stops_its_thread():
+    import threading
+
+    from fidmed.evaluation.pipeline import prepared_batches
+
+    ds = _CountingDataset(30, 0)
+    ds.fail_at = 17
+    before = threading.active_count()
+    it = prepared_batches(DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"),
+                          workers=2)
+    got = []
+    with pytest.raises(OSError, match="cannot read image 17"):
+        for b in it:
+            got.append(b.indices)
+    assert np.concatenate(got).tolist() == list(range(15))  # the batches before the bad one came through, in order
+    # a consumer that stops early (e.g. an extractor error) stops the reader too
+    ds.fail_at = None
+    it = prepared_batches(DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"),
+                          workers=2, prefetch=1)
+    next(it)
+    it.close()
+    assert threading.active_count() == before
+
+
+def test_evaluator_results_do_not_depend_on_workers():
+    real = DatasetSource(ToyDataset(21, 0))
+    kw = dict(batch_size=4, device="cpu", metrics=["fd", "rfd", "prdc"], knn_k=3)
+    gen = GeneratorSource(ToyGenerator(), 17, seed_start=2)
+    base = _by(Evaluator(_extractors(), real, num_workers=0, **kw).evaluate(gen))
+    threaded = _by(Evaluator(_extractors(), real, num_workers=3, prefetch=3, **kw).evaluate(gen))
+    assert base.keys() == threaded.keys()
+    assert all(base[k].value == threaded[k].value for k in base)
+    with pytest.raises(FidmedError, match="num_workers=-1 must be >= 0"):
+        Evaluator(_extractors(), real, num_workers=-1, **kw)

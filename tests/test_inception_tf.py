@@ -71,6 +71,39 @@ def test_features_equal_pytorch_fid(weights_file: Path, monkeypatch) -> None:
     assert float((got - ref).abs().max()) <= 1e-5 * float(scale)
 
 
+def test_torch_bilinear_resizer_reproduces_pytorch_fid_at_256_px(weights_file: Path, monkeypatch) -> None:
+    """resizer=torch_bilinear + inception_tf = pytorch-fid's whole path from 8-bit 256 px images (ToTensor,
+    bilinear resize to 299 inside its network)."""
+    pfid = pytest.importorskip("pytorch_fid.inception")
+    from fidmed.features.preprocess import preprocess
+
+    monkeypatch.setattr(pfid, "load_state_dict_from_url",
+                        lambda *a, **k: torch.load(weights_file, map_location="cpu", weights_only=True))
+    reference = pfid.InceptionV3([3], resize_input=True, normalize_input=True).eval()
+    cfg = _config_for(weights_file)
+    cfg["resizer"] = "torch_bilinear"
+    ours = build_extractor(cfg, weights_dir=weights_file.parent)
+    assert ours.preprocessing.key == "torch_bilinear-299-RGB"
+    g = torch.Generator().manual_seed(1)
+    grey = torch.randint(0, 256, (2, 1, 256, 256), generator=g, dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (1, 3, 256, 256), generator=g, dtype=torch.uint8)
+    for images in (grey, rgb):
+        as_loaded = images.expand(-1, 3, -1, -1).float() / 255  # PIL convert("RGB") + ToTensor
+        x = preprocess(images, ours.preprocessing)
+        # the network input equals pytorch-fid's to within one float32 ulp
+        torch.testing.assert_close(x / 255.0, torch.nn.functional.interpolate(
+            as_loaded, size=(299, 299), mode="bilinear", align_corners=False), rtol=0, atol=6e-8)
+        with torch.no_grad():
+            ref = reference(as_loaded)[0].flatten(1)
+            got = ours(x)
+        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+        # and the clean resizer (the study's) is a different protocol: visibly different features
+        with torch.no_grad():
+            clean = build_extractor(_config_for(weights_file), weights_dir=weights_file.parent)
+            other = clean(preprocess(images, clean.preprocessing))
+        assert float((other - ref).abs().max()) > 1e-3 * float(ref.abs().max())
+
+
 def test_state_dict_keys_equal_pytorch_fid_and_old_files_load(tmp_path: Path, monkeypatch) -> None:
     pfid = pytest.importorskip("pytorch_fid.inception")
     sd = _random_state_dict(seed=1)

@@ -32,6 +32,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--truncation-psi", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num-workers", default="auto",
+                   help="threads reading/preprocessing ahead of the forward passes (auto = CPUs, max 16; 0 = none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
                    help="extractor forward passes (moments and FD are float64 always)")
@@ -40,13 +42,18 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
                    help="random: untrained extractors, plumbing tests only (numbers labelled RANDOM-INIT)")
     p.add_argument("--weights-dir", default=None)
+    p.add_argument("--resizer", default=None, metavar="NAME",
+                   help="clean | clean_clip | nearest | pil_bicubic | torch_bilinear: "
+                        "override the selected extractors' resizer (their YAML's `resizer`), e.g. torch_bilinear "
+                        "with inception_tf to reproduce `python -m pytorch_fid`; recorded with every number")
     p.add_argument("--cache-dir", default=None, help="real-statistics cache folder (default: none)")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=cmd_evaluate)
     return p
 
 
-def build_cli_extractors(names: list[str], weights: str, weights_dir: str | None) -> list[Any]:
+def build_cli_extractors(names: list[str], weights: str, weights_dir: str | None,
+                         resizer: str | None = None) -> list[Any]:
     from fidmed.cli import extractor_configs
     from fidmed.features.registry import build_extractor
 
@@ -59,6 +66,8 @@ def build_cli_extractors(names: list[str], weights: str, weights_dir: str | None
         cfg = dict(cfgs[name])
         if weights == "random":
             cfg["weights_source"] = "random"
+        if resizer is not None:
+            cfg["resizer"] = resizer
         out.append(build_extractor(cfg, weights_dir=weights_dir, allow_download=False,
                                    allow_random=weights == "random"))
     return out
@@ -97,10 +106,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # cheap checks first (folders, counts, generator file), then the extractors (slow to build)
     real = DatasetSource(ImageFolderDataset(args.real, cache="none"), args.num_real)
     gen = gen_source(args.gen, args.num_gen, args.seed_start, args.truncation_psi, device)
-    extractors = build_cli_extractors(args.extractor, args.weights, args.weights_dir)
+    extractors = build_cli_extractors(args.extractor, args.weights, args.weights_dir, args.resizer)
     ev = Evaluator(extractors, real, cache_dir=args.cache_dir, batch_size=args.batch_size, device=device,
                    real_split_seed=args.real_split_seed, metrics=args.metrics, knn_k=args.knn_k,
-                   precision=args.precision)
+                   precision=args.precision, num_workers=args.num_workers)
     records = ev.evaluate(gen, context={"gen": str(args.gen), "real": str(args.real)})
     print(format_results_table(records, title=f"{args.gen} vs {args.real}"))
     if args.out:

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from fidmed.errors import FidmedError
 from fidmed.evaluation.cache import StatsCache
+from fidmed.evaluation.pipeline import prepared_batches, resolve_workers
 from fidmed.evaluation.results import MetricRecord
 from fidmed.evaluation.sources import QUANTISATION, DatasetSource, GeneratorSource
-from fidmed.features.preprocess import preprocess
 from fidmed.metrics.fd import frechet_distance_from_moments
 from fidmed.metrics.kid import KID_N_SUBSETS, KID_SUBSET_SIZE, fd_infinity, kid
 from fidmed.metrics.knn import ARGUMENT_ORDER, DEFAULT_K, prdc
@@ -93,7 +93,8 @@ def shard_indices(n: int, rank: int, world: int) -> np.ndarray:
 def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: int, device: torch.device,
                     keep_features: bool | dict[str, bool] = False, groups: np.ndarray | None = None,
                     num_groups: int = 1, desc: str = "features", precision: str = "fp32",
-                    image_shape: tuple[int, ...] | None = None) -> dict[str, list[StreamingMoments]]:
+                    image_shape: tuple[int, ...] | None = None, workers: int = 0,
+                    prefetch: int = 2) -> dict[str, list[StreamingMoments]]:
     """Read ``source`` once and accumulate moments for every extractor.
 
     ``groups`` (one integer per source index, in ``range(num_groups)``) splits the images into disjoint
@@ -103,6 +104,9 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
     ``shard_indices(len(source), rank, world)`` and the moments are all-reduced exactly at the end (kept
     features are gathered with their source indices), so every rank returns the single-process result.
     Every rank must call this with the same arguments. ``image_shape``: expected (C, H, W) of every batch.
+    ``workers``/``prefetch``: input pipeline threads and batches read ahead (:mod:`fidmed.evaluation.pipeline`;
+    the result does not depend on them). Kept features are stored as the extractor returned them (float32, or
+    bf16 widened exactly to float32), half the memory of float64; the moments are float64.
     """
     by_preprocessing: dict[Any, list[torch.nn.Module]] = defaultdict(list)
     for ex in extractors:
@@ -114,7 +118,9 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
     shard = shard_indices(len(source), rank, world)
     with tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True,
               disable=rank != 0) as bar:
-        for batch_no, (indices, images) in enumerate(source.batches(batch_size, shard)):
+        batches = prepared_batches(source, batch_size, shard, list(by_preprocessing), device, workers, prefetch)
+        for batch_no, batch in enumerate(batches):
+            indices, images = batch.indices, batch.images
             if image_shape is None:
                 image_shape = tuple(images.shape[1:])
             elif tuple(images.shape[1:]) != tuple(image_shape):
@@ -124,11 +130,12 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
                                   f"(re-prepare the folder with `fidmed prepare`).")
             idx_t = torch.as_tensor(indices, dtype=torch.int64)
             for spec, members in by_preprocessing.items():
-                x = preprocess(images, spec).to(device)
+                x = batch.inputs[spec]
                 for ex in members:
                     with torch.no_grad(), forward_precision(precision, device):
-                        feats = ex(x)
-                    feats = feats.to(torch.float64)  # bf16 features widen exactly
+                        raw = ex(x)
+                    # float32 (bf16 widens exactly) for the kept features; the moments widen to float64 themselves
+                    feats = raw if raw.dtype in (torch.float32, torch.float64) else raw.to(torch.float32)
                     if not torch.isfinite(feats).all():
                         raise FidmedError(f"extractor {ex.name} produced NaN/Inf features for images "
                                           f"{int(indices[0])}-{int(indices[-1])} (batch {batch_no} of {desc}); "
@@ -195,7 +202,9 @@ class Evaluator:
     ``metrics``: any of fd, rfd, prdc (precision, recall, density, coverage with ``knn_k`` neighbours), kid,
     fd_inf. Raw features are kept only where a metric needs them (prdc, kid: both sets; fd_inf: the generated
     set) or where a set is smaller than the feature dimension (exact FD route). ``precision``: fp32 | bf16 |
-    tf32 for the extractor forward passes (moments and FD are float64 always).
+    tf32 for the extractor forward passes (moments and FD are float64 always). ``num_workers``: threads that
+    read and preprocess the next batches while the forward passes run ("auto": the usable CPUs, at most 16;
+    0: all in the main thread); results do not depend on it.
 
     Distributed: construct and call on every rank of an initialised process group; each rank reads a disjoint
     shard and gets the single-process result (``collect_moments``). Rank 0 writes the real-statistics cache,
@@ -206,7 +215,7 @@ class Evaluator:
                  batch_size: int = 50, device: str | torch.device | None = "auto", real_split_seed: int = 0,
                  metrics: Iterable[str] = ("fd", "rfd"), knn_k: int = DEFAULT_K, precision: str = "fp32",
                  kid_subsets: int = KID_N_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                 metric_seed: int = 0) -> None:
+                 metric_seed: int = 0, num_workers: int | str | None = "auto", prefetch: int = 2) -> None:
         if not extractors:
             raise FidmedError("no extractor selected; choose one with extractor=NAME or extractor=[A,B].")
         self.extractors = list(extractors)
@@ -227,6 +236,8 @@ class Evaluator:
         self.precision = check_precision(precision, self.device)
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.metric_seed = int(metric_seed)
+        self.num_workers = resolve_workers(num_workers)
+        self.prefetch = max(1, int(prefetch))
         if len(real) < 4:
             raise FidmedError(f"the real set has {len(real)} images; FD needs at least 4 (2 per split half).")
         for ex in self.extractors:
@@ -282,7 +293,8 @@ class Evaluator:
             keep = {ex.name: self._real_record(ex)["features_kept"] for ex in missing}
             groups = split_groups(n, self.real_split_seed)
             halves = collect_moments(self.real, missing, self.batch_size, self.device, keep, groups, 2,
-                                     desc="real images", precision=self.precision)
+                                     desc="real images", precision=self.precision, workers=self.num_workers,
+                                     prefetch=self.prefetch)
             for ex in missing:
                 a, b = halves[ex.name]
                 record = self._real_record(ex)
@@ -335,7 +347,8 @@ class Evaluator:
         # n < d FD routes, fidmed.metrics.fd).
         keep = {ex.name: self.needs_gen_features or len(gen) < ex.feature_dim for ex in self.extractors}
         moments = collect_moments(gen, self.extractors, self.batch_size, self.device, keep, desc=desc,
-                                  precision=self.precision, image_shape=shape)
+                                  precision=self.precision, image_shape=shape, workers=self.num_workers,
+                                  prefetch=self.prefetch)
         records: list[MetricRecord] = []
         ctx = context or {}
         for ex in self.extractors:

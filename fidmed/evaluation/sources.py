@@ -90,11 +90,12 @@ class DatasetSource:
 
     def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)
-        array = getattr(self.dataset, "images", None)  # datasets holding a uint8 array avoid per-item calls
+        # fidmed's datasets read a whole batch at once (from their array, or decoding files in threads)
+        get_batch = getattr(self.dataset, "get_batch", None)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            if isinstance(array, np.ndarray):
-                batch = torch.from_numpy(np.ascontiguousarray(array[chunk]))
+            if callable(get_batch):
+                batch = torch.from_numpy(np.ascontiguousarray(get_batch(chunk)))
             else:
                 batch = torch.stack([torch.as_tensor(self.dataset[int(i)]) for i in chunk])
             if batch.dtype != torch.uint8:

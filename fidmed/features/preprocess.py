@@ -14,6 +14,11 @@ Resizers
 - ``pil_bicubic`` (dgm-eval's default, ``clean_resize=False``): torchvision ``Resize((S, S), BICUBIC)`` on the 8-bit
   RGB PIL image, i.e. PIL's own 8-bit bicubic (antialiased, rounded and clipped to integers by PIL); values stay
   integers, ``ToTensor`` then divides by 255 inside the extractor.
+- ``torch_bilinear`` (pytorch-fid's resize, for comparison with numbers published with ``python -m pytorch_fid``):
+  ``F.interpolate(x / 255, (S, S), mode="bilinear", align_corners=False)`` on the float32 [0, 1] image (no
+  antialiasing), returned times 255. The extractor's own ``/ 255`` then gives pytorch-fid's network input to
+  within one float32 ulp (measured: ~0.4% of the values differ by one ulp, the rest are equal); at the target
+  size the image is passed through unchanged, as in pytorch-fid, where that interpolation is the identity.
 Gray images (C = 1) are copied to 3 channels, as the study's loaders did (PIL ``convert("RGB")``); a gray channel
 (or an RGB image whose three channels are equal) is resized once and copied, which gives the identical result.
 """
@@ -28,7 +33,7 @@ from PIL import Image
 
 from fidmed.errors import ConfigError, FidmedError
 
-RESIZERS = ("clean", "clean_clip", "nearest", "pil_bicubic")
+RESIZERS = ("clean", "clean_clip", "nearest", "pil_bicubic", "torch_bilinear")
 CHANNEL_ORDERS = ("RGB", "BGR")
 
 
@@ -54,8 +59,17 @@ class Preprocessing:
         return f"{self.resizer}-{int(self.size)}-{self.channels}"
 
 
+def _resize_torch_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """pytorch-fid's resize of one uint8 ``[C, H, W]`` image, on the [0, 1] scale, returned on [0, 255]."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).to(torch.float32)[None] / 255
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (y[0] * 255).numpy()
+
+
 def _resize_channel(ch: np.ndarray, size: int, resizer: str) -> np.ndarray:
     """Resize one [H, W] channel to [size, size] float32."""
+    if resizer == "torch_bilinear":
+        return _resize_torch_bilinear(ch[None], size)[0]
     if resizer in ("nearest", "pil_bicubic"):
         img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.uint8))  # mode "L"
         resample = Image.NEAREST if resizer == "nearest" else Image.BICUBIC
