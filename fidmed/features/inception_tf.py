@@ -37,7 +37,7 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place, as torchvision: no extra tensor
 
 
 def _avg_pool_tf(x: torch.Tensor) -> torch.Tensor:
