@@ -91,6 +91,32 @@ def test_fingerprint_ignores_evaluation_settings_only(compose_cfg):
         assert training_fingerprint(compose_cfg(change)) != base, change
 
 
+def test_prepared_folder_keeps_its_fingerprint_when_moved(compose_cfg, tmp_path):
+    import shutil
+
+    from fidmed.gan.train import fingerprint_record, training_fingerprint
+
+    a = tmp_path / "data" / "ct"
+    a.mkdir(parents=True)
+    (a / "manifest.json").write_text('{"preparer": "sliver07", "outputs": ["a.png"]}')
+    b = tmp_path / "scratch" / "ct"
+    shutil.copytree(a, b)
+    at_a = compose_cfg(["modality=ct", f"modality.path={a}"])
+    at_b = compose_cfg(["modality=ct", f"modality.path={b}", "modality.cache=disk"])  # a loading setting only
+    assert training_fingerprint(at_a) == training_fingerprint(at_b)
+    rec = fingerprint_record(at_a)["modality"]
+    assert "path" not in rec and len(rec["prepared_manifest_sha256"]) == 64
+    # other prepared data (another manifest) is another generator
+    (b / "manifest.json").write_text('{"preparer": "sliver07", "outputs": ["a.png", "b.png"]}')
+    assert training_fingerprint(at_b) != training_fingerprint(at_a)
+    # a folder without fidmed's manifest is identified by its path, as it cannot be recognised elsewhere
+    c, d = tmp_path / "mine1", tmp_path / "mine2"
+    c.mkdir(), d.mkdir()
+    plain_c = compose_cfg(["modality=ct", f"modality.path={c}"])
+    assert fingerprint_record(plain_c)["modality"]["path"] == str(c)
+    assert training_fingerprint(plain_c) != training_fingerprint(compose_cfg(["modality=ct", f"modality.path={d}"]))
+
+
 def test_modality_overrides_the_augmentation_and_the_fingerprint_sees_it(compose_cfg):
     from fidmed.augment import build_augmentation
     from fidmed.gan.train import effective_augmentation, training_fingerprint

@@ -26,15 +26,34 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from fidmed.data.folder import PREPARE_MANIFEST
 from fidmed.errors import FidmedError
 from fidmed.gan.checkpoint import atomic_torch_save, snapshot_name
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: a prepared folder is identified by its manifest.json, not by where it lies
 # Settings that do not change the trained weights and so stay out of the fingerprint.
 _NON_WEIGHT_TRAINER_KEYS = {"snapshot_kimg", "eval_kimg", "log_every_steps", "num_workers", "benchmark"}
-_NON_WEIGHT_MODALITY_KEYS = {"snapshot_kimg", "path_hint"}
+_NON_WEIGHT_MODALITY_KEYS = {"snapshot_kimg", "path_hint", "cache", "cache_dir"}
+
+
+def data_identity(modality: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a folder modality's images in the fingerprint.
+
+    A folder written by ``fidmed prepare`` is identified by the sha256 of its ``manifest.json`` (deterministic:
+    preparer, parameters, source files by relative path, outputs), so a prepared folder copied or moved
+    elsewhere (e.g. to a cluster's scratch disk) keeps its fingerprint and its trained generator. Any other
+    folder is identified by its path, as before: fidmed cannot tell a moved folder from a different one without
+    reading every file.
+    """
+    path = modality.get("path")
+    if modality.get("kind") != "folder" or not path:
+        return {}
+    manifest = Path(str(path)).expanduser() / PREPARE_MANIFEST
+    if manifest.is_file():
+        return {"prepared_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+    return {"path": str(path)}
 
 
 def fingerprint_record(cfg: Any) -> dict[str, Any]:
@@ -43,6 +62,8 @@ def fingerprint_record(cfg: Any) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
     modality = {k: v for k, v in plain(cfg.modality).items() if k not in _NON_WEIGHT_MODALITY_KEYS}
+    modality.pop("path", None)
+    modality.update(data_identity(plain(cfg.modality)))
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in _NON_WEIGHT_TRAINER_KEYS}
     return {"version": FINGERPRINT_VERSION, "modality": modality, "augmentation": plain(effective_augmentation(cfg)),
             "model": plain(cfg.model), "trainer": trainer, "seed": int(cfg.seed)}
