@@ -32,6 +32,7 @@ def isolated(tmp_path: Path, monkeypatch) -> None:
     """No test touches ~/.cache or the network: private weights and hub folders, offline flags cleared."""
     monkeypatch.setenv("FIDMED_WEIGHTS", str(tmp_path / "fidmed_weights"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("FIDMED_OFFLINE", raising=False)
 
@@ -75,6 +76,22 @@ def test_found_in_torch_hub_cache_after_weights_dir(tmp_path: Path) -> None:
     assert W.resolve_weights(spec, tmp_path / "empty") == hub
     mine = _put(tmp_path / "mine", spec.filename)
     assert W.resolve_weights(spec, tmp_path / "mine") == mine  # the weights folder comes first
+
+
+def test_found_in_hugging_face_cache_last(tmp_path: Path, monkeypatch) -> None:
+    url = "https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/model-1234abcd.pth"
+    spec = _spec(urls=(url,))
+    repo = tmp_path / "hf" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsMissingError, match="models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"):
+        W.resolve_weights(spec, tmp_path / "empty")  # the message names the HF folder it looked in
+    _put(repo / "0123abc", "other.pth")  # another file of the same repo is not it
+    found = _put(repo / "4567def", spec.filename)
+    assert W.resolve_weights(spec, tmp_path / "empty") == found
+    hub = _put(tmp_path / "hub" / "checkpoints", spec.filename)
+    assert W.resolve_weights(spec, tmp_path / "empty") == hub  # torch hub's folder comes before the HF cache
+    # a spec without a huggingface.co URL never looks there
+    assert W.hf_cache_paths(_spec()) == [] and W.hf_cache_paths(spec) == [found]
 
 
 def test_wrong_sha256_names_file_expected_and_actual(tmp_path: Path) -> None:

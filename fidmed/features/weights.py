@@ -103,9 +103,39 @@ def _weights_dir(weights_dir: Path | str | None) -> Path:
     return Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
 
 
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+_HF_URL = re.compile(r"^https://huggingface\.co/([^/]+)/([^/]+)/resolve/[^/]+/(.+)$")
+
+
+def hf_cache_dirs(spec: WeightsSpec) -> list[Path]:
+    """``models--ORG--NAME/snapshots`` in the Hugging Face hub cache for each huggingface.co URL of ``spec``."""
+    out = []
+    for url in spec.urls:
+        m = _HF_URL.match(url)
+        if m is not None and m.group(3) == spec.filename:
+            out.append(hf_hub_cache_dir() / f"models--{m.group(1)}--{m.group(2)}" / "snapshots")
+    return out
+
+
+def hf_cache_paths(spec: WeightsSpec) -> list[Path]:
+    """Copies of ``spec``'s file in the Hugging Face hub cache (where open_clip and timm keep their downloads):
+    ``models--ORG--NAME/snapshots/*/FILE`` for each huggingface.co URL of the spec, newest first."""
+    out: list[Path] = []
+    for snapshots in hf_cache_dirs(spec):
+        found = [p for p in snapshots.glob(f"*/{spec.filename}") if p.is_file()]
+        out += sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return out
+
+
 def search_paths(spec: WeightsSpec, weights_dir: Path | str | None = None) -> list[Path]:
-    """Where ``resolve_weights`` looks, in order."""
-    return [_weights_dir(weights_dir) / spec.filename, hub_checkpoint_dir() / spec.filename]
+    """Where ``resolve_weights`` looks, in order: the weights folder, torch hub's checkpoints, the HF hub cache."""
+    return [_weights_dir(weights_dir) / spec.filename, hub_checkpoint_dir() / spec.filename, *hf_cache_paths(spec)]
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -214,7 +244,8 @@ def missing_message(spec: WeightsSpec, weights_dir: Path | str | None, why_no_do
     lines = [
         f"weights file {spec.filename} not found" + (f" ({spec.description})" if spec.description else ""),
         f"  sha256: {spec.sha256}{hash_note}",
-        f"  looked in: {', '.join(str(p.parent) for p in search_paths(spec, weights_dir))}",
+        f"  looked in: {', '.join(dict.fromkeys(str(p.parent) for p in search_paths(spec, weights_dir)))}"
+        + "".join(f", {d}" for d in hf_cache_dirs(spec)),
         f"  not downloaded: {why_no_download}",
         "Fix: get the file on a machine with internet"
         + (f" from {' or '.join(spec.urls)}" if spec.urls else "")
