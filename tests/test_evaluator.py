@@ -317,3 +317,39 @@ def test_evaluator_results_do_not_depend_on_workers():
     assert all(base[k].value == threaded[k].value for k in base)
     with pytest.raises(FidmedError, match="num_workers=-1 must be >= 0"):
         Evaluator(_extractors(), real, num_workers=-1, **kw)
+
+
+_KILLED_WRITER = r"""
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_evaluator import ToyDataset, _extractors
+from fidmed.evaluation.evaluator import Evaluator
+from fidmed.evaluation.sources import DatasetSource
+
+def dying_savez(f, **arrays):  # the process is killed (SIGKILL: no cleanup) halfway through the cache file
+    f.write(b"PK\x03\x04" + bytes(1000))
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+np.savez = dying_savez
+Evaluator(_extractors()[:1], DatasetSource(ToyDataset(20, 0)), cache_dir=sys.argv[1], device="cpu").real_stats()
+"""
+
+
+def test_evaluation_killed_while_writing_the_cache_leaves_no_cache_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(cache), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not list(cache.glob("real-*.npz"))  # only an orphaned temporary file may remain, never a cache file
+    # the next evaluation computes the statistics, writes a complete cache file, and a later one reads it
+    ev = Evaluator(_extractors()[:1], DatasetSource(ToyDataset(20, 0)), cache_dir=cache, device="cpu")
+    assert not ev.real_stats()["a"].from_cache
+    again = Evaluator(_extractors()[:1], DatasetSource(ToyDataset(20, 0)), cache_dir=cache, device="cpu")
+    assert again.real_stats()["a"].from_cache
+    assert len(list(cache.glob("real-*.npz"))) == 1
