@@ -55,6 +55,7 @@ def phantom_folder(path: Path, n: int, seed: int, size: int = 256, blur: float =
     path.mkdir(parents=True, exist_ok=True)
     if len(list(path.glob("*.png"))) == n:
         return path
+    print(f"# writing {n} phantom PNGs ({size} px) to {path} ...", flush=True)
     images = render_phantoms(n, 256, seed=seed, num_workers=min(4, os.cpu_count() or 1))
     for i, img in enumerate(images):
         im = Image.fromarray(img[0])
@@ -80,10 +81,9 @@ def _extractors(names, weights_dir):
 
 
 def _source(folder, num):
-    from fidmed.data.folder import ImageFolderDataset
-    from fidmed.evaluation.sources import DatasetSource
+    from fidmed.evaluation.cli import gen_source  # a folder: its first num images, decoded on the fly
 
-    return DatasetSource(ImageFolderDataset(folder, cache="none"), num)
+    return gen_source(str(folder), num, 0, 1.0, "cpu")
 
 
 def _run(extractors, real, gen, device, precision="fp32", batch_size=16, workers="auto"):
@@ -221,11 +221,12 @@ def section_c(real_dir: Path, gen_dir: Path, device, batch_size: int, workdir: P
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     cmd = [sys.executable, "-m", "pytorch_fid", str(gen_dir), str(real_dir), "--device", str(device),
            "--dims", "2048", "--batch-size", str(batch_size)]
+    print(f"# running {' '.join(cmd[1:])} (its progress bar below)", flush=True)
     t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr (tqdm) passes through
     t_ref = time.perf_counter() - t
     if out.returncode != 0:
-        print(f"pytorch_fid failed:\n{out.stderr[-2000:]}")
+        print(f"pytorch_fid failed with exit code {out.returncode} (its messages are above)")
         return
     ref = float(out.stdout.strip().split()[-1])
     t = time.perf_counter()

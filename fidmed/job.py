@@ -167,11 +167,12 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         }
         if cfg.stage in ("all", "train"):
             final = train_or_reuse(cfg, dataset, tracker, evaluate_during_training, log_grid)
+            fingerprint = training_fingerprint(cfg)
+            train_dir = train_dir_for(cfg, fingerprint)
             if rank == 0:
-                link_training_folder(run_dir, train_dir_for(cfg))
-            header["training"] = {"fingerprint": training_fingerprint(cfg), "train_dir": str(train_dir_for(cfg)),
-                                  "kimg": float(cfg.trainer.kimg),
-                                  "fd_history": read_fd_history(train_dir_for(cfg))}
+                link_training_folder(run_dir, train_dir)
+            header["training"] = {"fingerprint": fingerprint, "train_dir": str(train_dir),
+                                  "kimg": float(cfg.trainer.kimg), "fd_history": read_fd_history(train_dir)}
             generator_path = final
         else:
             generator_path = Path(str(cfg.generator))

@@ -1,9 +1,9 @@
 """Input pipeline of the evaluator: read, quantise and preprocess batches ahead of the forward passes.
 
-On a GPU the extractor forward passes are fast (an H100 runs InceptionV3 at thousands of images per second)
-while fidmed's resizers are PIL on the CPU (about 0.5-1 ms per image and distinct preprocessing on one core, see
-``fidmed.features.preprocess``): done serially in the main thread they, not the forward passes, would set the
-speed. So this module
+fidmed's resizers are PIL on the CPU (measured on a 2-core Xeon: about 0.5-1 ms per image and distinct
+preprocessing on one core). On a CPU that is under 1% of an evaluation; on a GPU, where the forward passes are
+far faster, resizing serially in the main thread would set the speed (GPU numbers: benchmarks/results/evaluate.md,
+pending). So this module
 
 - reads batch ``k + 1`` (decoding files, or running the generator) in a producer thread while the main thread
   runs the forward passes of batch ``k`` (``prefetch`` batches are kept ready);
@@ -114,7 +114,7 @@ def prepared_batches(source, batch_size: int, indices: Iterable[int], specs: Seq
     how to read (files decoded in threads, generator on its device). Exceptions raised while reading or
     preprocessing are re-raised here, in the caller's thread.
     """
-    idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
+    idx = np.asarray(indices, dtype=np.int64)
     chunks = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
     specs = list(dict.fromkeys(specs))
     pin = device.type == "cuda"

@@ -59,17 +59,12 @@ class Preprocessing:
         return f"{self.resizer}-{int(self.size)}-{self.channels}"
 
 
-def _resize_torch_bilinear(img: np.ndarray, size: int) -> np.ndarray:
-    """pytorch-fid's resize of one uint8 ``[C, H, W]`` image, on the [0, 1] scale, returned on [0, 255]."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(torch.float32)[None] / 255
-    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (y[0] * 255).numpy()
-
-
 def _resize_channel(ch: np.ndarray, size: int, resizer: str) -> np.ndarray:
     """Resize one [H, W] channel to [size, size] float32."""
-    if resizer == "torch_bilinear":
-        return _resize_torch_bilinear(ch[None], size)[0]
+    if resizer == "torch_bilinear":  # pytorch-fid: on the [0, 1] scale, returned on [0, 255]
+        x = torch.from_numpy(np.ascontiguousarray(ch)).to(torch.float32)[None, None] / 255
+        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return (y[0, 0] * 255).numpy()
     if resizer in ("nearest", "pil_bicubic"):
         img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.uint8))  # mode "L"
         resample = Image.NEAREST if resizer == "nearest" else Image.BICUBIC

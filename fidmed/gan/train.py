@@ -81,8 +81,8 @@ def training_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def train_dir_for(cfg: Any) -> Path:
-    fp = training_fingerprint(cfg)
+def train_dir_for(cfg: Any, fingerprint: str | None = None) -> Path:
+    fp = fingerprint or training_fingerprint(cfg)
     return Path(cfg.paths.train_root) / f"{cfg.modality.name}-{cfg.augmentation.name}-{fp[:12]}"
 
 
@@ -259,9 +259,9 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
     from fidmed.data.datamodule import ImageDataModule
     from fidmed.gan.module import StyleGAN2Module
 
-    train_dir = train_dir_for(cfg)
-    train_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = training_fingerprint(cfg)
+    train_dir = train_dir_for(cfg, fingerprint)
+    train_dir.mkdir(parents=True, exist_ok=True)
     final = train_dir / "final.pt"
     if final.is_file():
         log.info("reusing trained generator %s", final)
