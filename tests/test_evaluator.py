@@ -353,3 +353,11 @@ def test_evaluation_killed_while_writing_the_cache_leaves_no_cache_file(tmp_path
     again = Evaluator(_extractors()[:1], DatasetSource(ToyDataset(20, 0)), cache_dir=cache, device="cpu")
     assert again.real_stats()["a"].from_cache
     assert len(list(cache.glob("real-*.npz"))) == 1
+
+
+def test_kept_features_are_stored_as_the_extractor_returned_them():
+    """float32 features are kept as float32 (half of float64's memory at N = 50k); moments stay float64."""
+    ev = Evaluator(_extractors()[:1], DatasetSource(ToyDataset(20, 0)), device="cpu", metrics=["prdc"])
+    st = ev.real_stats()["a"]
+    assert st.full.features.dtype == np.float32 and st.full.features.shape == (20, 6)
+    assert st.full.mean.dtype == np.float64 and st.full.cov.dtype == np.float64
