@@ -83,53 +83,141 @@ def test_symmetry_for_both_routes() -> None:
     assert abs(ab - ba) / ab < 1e-12
 
 
-def _mp_reference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """FD and tr((S1 S2)^1/2) in 50-digit arithmetic (mpmath) from the same float64 features.
+def _mp_reference(a: np.ndarray, b: np.ndarray, dps: int = 50) -> tuple[float, float, float]:
+    """(FD, tr((S1 S2)^1/2), |dmu|^2 + tr S1 + tr S2) of the same float64 features in ``dps``-digit arithmetic.
 
-    Independent of both fidmed routes' floating point: covariances, S1^1/2 via a 50-digit symmetric eigensolver,
-    then the eigenvalues of S1^1/2 S2 S1^1/2. Rounding at 1e-50 costs at most ~1e-25 after the square roots.
+    Independent of fidmed's floating point: centring, covariances and eigenvalues are all computed by mpmath
+    (mpf from a float64 is exact). The trace term comes from the eigenvalues of the smallest Gram matrix
+    available: (A_c B_c^T)(A_c B_c^T)^T when a set has at most d images, else S1^1/2 S2 S1^1/2. An eigenvalue
+    that is 0 in exact arithmetic comes out below 1e-50 relative, so its square root costs at most ~1e-25.
     """
-    with mpmath.workdps(50):
-        n1, d = a.shape
-        n2 = b.shape[0]
-
+    with mpmath.workdps(dps):
         def centred(x: np.ndarray):
+            n, d = x.shape
             m = mpmath.matrix(x.tolist())
-            n = x.shape[0]
             mu = [mpmath.fsum(m[i, j] for i in range(n)) / n for j in range(d)]
             for i in range(n):
                 for j in range(d):
                     m[i, j] -= mu[j]
             return m, mu
 
+        n1, d = a.shape
+        n2 = b.shape[0]
         ac, mu1 = centred(a)
         bc, mu2 = centred(b)
-        s1 = ac.T * ac / (n1 - 1)
-        s2 = bc.T * bc / (n2 - 1)
-        w, v = mpmath.eigsy(s1)
-        root = v * mpmath.diag([mpmath.sqrt(max(x, 0)) for x in w]) * v.T
-        wm = mpmath.eigsy(root * s2 * root, eigvals_only=True)
-        ts = mpmath.fsum(mpmath.sqrt(max(x, 0)) for x in wm)
-        fd = (mpmath.fsum((mu1[j] - mu2[j]) ** 2 for j in range(d)) + mpmath.fsum(s1[j, j] for j in range(d))
-              + mpmath.fsum(s2[j, j] for j in range(d)) - 2 * ts)
-        return float(fd), float(ts)
+        t1 = mpmath.fsum(ac[i, j] ** 2 for i in range(n1) for j in range(d)) / (n1 - 1)
+        t2 = mpmath.fsum(bc[i, j] ** 2 for i in range(n2) for j in range(d)) / (n2 - 1)
+        mean = mpmath.fsum((mu1[j] - mu2[j]) ** 2 for j in range(d))
+        if min(n1, n2) <= d:
+            cross = ac * bc.T
+            gram = cross * cross.T if n1 <= n2 else cross.T * cross
+            w = mpmath.eigsy(gram, eigvals_only=True)
+            ts = mpmath.fsum(mpmath.sqrt(max(x, 0)) for x in w) / mpmath.sqrt((n1 - 1) * (n2 - 1))
+        else:
+            s1, s2 = ac.T * ac / (n1 - 1), bc.T * bc / (n2 - 1)
+            w, v = mpmath.eigsy(s1)
+            root = v * mpmath.diag([mpmath.sqrt(max(x, 0)) for x in w]) * v.T
+            wm = mpmath.eigsy(root * s2 * root, eigvals_only=True)
+            ts = mpmath.fsum(mpmath.sqrt(max(x, 0)) for x in wm)
+        return float(mean + t1 + t2 - 2 * ts), float(ts), float(mean + t1 + t2)
 
 
-@pytest.mark.parametrize("n1,n2,d", [(8, 10, 24), (6, 40, 32)])
-def test_nuclear_route_is_exact_when_n_below_d_and_eigh_is_not(n1: int, n2: int, d: int) -> None:
-    a = _features(n1, d, seed=7, offset=3.0)
-    b = _features(n2, d, seed=8, decay=0.3, offset=2.5)
-    ref_fd, ref_ts = _mp_reference(a, b)
-    nuc = frechet_distance_from_features(a, b)  # auto -> nuclear since min(n) < d
-    eig = frechet_distance_from_features(a, b, route="eigh")
-    assert nuc.route == "nuclear" and eig.route == "eigh"
-    err_nuc = abs(nuc.value - ref_fd) / ref_fd
-    err_eig = abs(eig.value - ref_fd) / ref_fd
-    assert err_nuc < 1e-10
-    assert abs(nuc.trace_sqrt - ref_ts) / ref_ts < 1e-10
-    # Measured on the dev machine (torch 2.14 CPU, MKL): err_nuc ~ 2e-16 .. 4e-16, err_eig ~ 3.9e-9 .. 4.5e-9:
-    # the eigh route misses the 1e-10 tolerance that the nuclear route meets with six digits to spare.
-    assert err_eig > 1e-10 and err_eig > 1000 * max(err_nuc, 1e-16)
+def _classic_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """The classic route that fidmed must beat: sqrt of the eigenvalues of S1^1/2 S2 S1^1/2 (negatives clipped),
+    as every sqrtm-free FD implementation computes it. Used as a negative control only."""
+    (mu1, s1), (mu2, s2) = _stats(a), _stats(b)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    wm = np.linalg.eigvalsh(root @ s2 @ root)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(wm, 0, None)).sum())
+
+
+def _set(n: int, d: int, seed: int, rank: int | None = None, constant: int = 0, dead: int = 0,
+         duplicates: int = 0, offset: float = 0.0) -> np.ndarray:
+    """Features with a decaying spectrum; optionally confined to a random rank-``rank`` subspace, with
+    ``constant`` features fixed at a non-zero value, ``dead`` features at exactly 0 (dead ReLU units) and the
+    first ``duplicates`` rows repeated (the same image twice)."""
+    rng = np.random.default_rng(seed)
+    r = rank or d
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0][:, :r]
+    x = (rng.standard_normal((n - duplicates, r)) * (1.0 + np.arange(r)) ** -0.7) @ basis.T
+    x = np.concatenate([x, x[:duplicates]]) + offset + 0.1 * rng.standard_normal(d)
+    x[:, :dead] = 0.0
+    x[:, dead:dead + constant] = rng.uniform(0.05, 2.0, constant)
+    return x
+
+
+def _moments(x: np.ndarray, keep_features: bool) -> StreamingMoments:
+    m = StreamingMoments(x.shape[1], keep_features=keep_features)
+    m.update(torch.as_tensor(x))
+    return m
+
+
+D = 20  # small enough for a 50-digit reference in well under a second per case
+#: (first set, second set): n just below, at and above d; tiny sets; singular covariances with n >= d from
+#: constant and dead features, from a rank-deficient subspace and from duplicated images.
+CASES = {
+    "n=d-1 both": (dict(n=D - 1), dict(n=D - 1)),
+    "n=d-1 vs d+1": (dict(n=D - 1), dict(n=D + 1)),
+    "n=3 vs 2d": (dict(n=3), dict(n=2 * D)),
+    "n=d+1 both": (dict(n=D + 1), dict(n=D + 1)),
+    "n>d definite": (dict(n=3 * D), dict(n=4 * D)),
+    "n>d constant+dead": (dict(n=3 * D, constant=2, dead=2), dict(n=4 * D, constant=1, dead=3)),
+    "n>d rank d-4": (dict(n=3 * D, rank=D - 4), dict(n=4 * D, rank=D - 2)),
+    "n>d duplicated rows, rank<d": (dict(n=D + 6, duplicates=10), dict(n=3 * D)),
+}
+SEEDS = range(6)
+#: Every route must agree with the 50-digit reference to this fraction of |dmu|^2 + tr S1 + tr S2 (the size of
+#: the terms the FD is a difference of, so the bound is meaningful for small FDs too). Measured on a Xeon
+#: (MKL) host: at most 1.3e-15 for every route and case above at d = 16 and 40, 6 seeds each; 1e-13 leaves two
+#: orders of margin for other BLAS/LAPACK builds. The classic sqrt-of-eigenvalues route misses it by 3-4 orders
+#: of magnitude (5e-10 .. 5e-9) in every singular case, whichever way its rounding falls.
+RTOL_SCALE = 1e-13
+
+
+def _case(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    first, second = CASES[name]
+    return _set(d=D, seed=seed, **first), _set(d=D, seed=seed + 100, offset=0.3, **second)
+
+
+def _expected_routes(a: np.ndarray, b: np.ndarray, name: str) -> tuple[str, str]:
+    """(from features, from moments only) routes that "auto" must take for a case: any singular covariance
+    sends features to the nuclear route; moments take Cholesky unless a covariance stays singular after the
+    constant features are set aside."""
+    rank_deficient = min(len(a), len(b)) <= D or "rank" in name
+    singular = rank_deficient or "constant" in name
+    return ("nuclear" if singular else "cholesky"), ("eigh" if rank_deficient else "cholesky")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_route_matches_a_50_digit_reference(name: str) -> None:
+    """Each FD route, on every seed, against mpmath; the classic route as a negative control."""
+    worst_classic = 0.0
+    for seed in SEEDS:
+        a, b = _case(name, seed)
+        ref_fd, ref_ts, scale = _mp_reference(a, b)
+        got = {
+            "features": frechet_distance_from_features(a, b),
+            "features, swapped": frechet_distance_from_features(b, a),
+            "moments only": frechet_distance_from_moments(_moments(a, False), _moments(b, False)),
+            "statistics without n": frechet_distance_stats(*_stats(a), *_stats(b)),
+            "forced nuclear": frechet_distance_from_features(a, b, route="nuclear"),
+            "forced eigh": frechet_distance_from_features(a, b, route="eigh"),
+        }
+        if len(a) < D:  # few images with features against statistics: the mixed route
+            got["mixed"] = frechet_distance_from_moments(_moments(a, True), _moments(b, False))
+            assert got["mixed"].route == "mixed"
+        for what, res in got.items():
+            err = abs(res.value - ref_fd) / scale
+            assert err < RTOL_SCALE, f"{name} seed {seed} {what} ({res.route}): {err:.2e}"
+            assert abs(res.trace_sqrt - ref_ts) / scale < RTOL_SCALE
+        features_route, moments_route = _expected_routes(a, b, name)
+        assert got["features"].route == features_route, name
+        assert got["moments only"].route == moments_route, name
+        worst_classic = max(worst_classic, abs(_classic_fd(a, b) - ref_fd) / scale)
+    singular = name not in ("n>d definite", "n=d+1 both")
+    if singular:  # the tolerance is one that the classic route cannot meet on these sets
+        assert worst_classic > 100 * RTOL_SCALE, f"{name}: classic route {worst_classic:.1e}"
 
 
 def test_full_rank_features_take_eigh_route_and_match_statistics() -> None:
@@ -158,15 +246,36 @@ def test_from_moments_uses_kept_features_when_n_below_d() -> None:
     assert frechet_distance_from_moments(pa, pb, route="eigh").route == "eigh"
 
 
-def test_singular_covariances_fall_back_to_eigh() -> None:
-    # rank-2 covariances in 3-D: no Cholesky factor exists, the eigh route handles them (and agrees with the
-    # closed form for commuting covariances)
+def test_constant_features_are_set_aside_and_other_singular_covariances_take_eigh() -> None:
+    # Diagonal covariances with zero variances: the constant features leave the trace term (exactly: their
+    # rows and columns are 0), and what remains is definite, so the Cholesky route still runs.
     a, b = np.diag([2.0, 0.5, 0.0]), np.diag([1.0, 0.0, 0.0])
     r = frechet_distance_stats(np.zeros(3), a, np.zeros(3), b)
-    assert r.route == "eigh"
+    assert (r.route, r.constant_dims) == ("cholesky", 2)
     assert r.value == pytest.approx((np.sqrt(2.0) - 1.0) ** 2 + 0.5, rel=1e-14)
+    # A rotated rank-2 covariance in 3-D has no constant feature and no Cholesky factor: the eigh factor of
+    # rank 2 (and the same FD as the closed form: the rotation changes nothing when both are rotated).
+    q = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))[0]
+    ra, rb = q @ a @ q.T, q @ np.diag([1.0, 0.3, 0.0]) @ q.T
+    r = frechet_distance_stats(np.zeros(3), ra, np.zeros(3), rb)
+    assert (r.route, r.constant_dims) == ("eigh", 0)
+    assert r.value == pytest.approx((np.sqrt(2.0) - 1.0) ** 2 + (np.sqrt(0.5) - np.sqrt(0.3)) ** 2, rel=1e-13)
     with pytest.raises(FidmedError, match="positive definite"):
-        frechet_distance_stats(np.zeros(3), a, np.zeros(3), b, method="cholesky")
+        frechet_distance_stats(np.zeros(3), ra, np.zeros(3), rb, method="cholesky")
+
+
+def test_an_fd_is_never_negative_and_keeps_its_signed_value() -> None:
+    """FD of a set against itself is 0 (rounding can make the signed sum -1e-16: value clips it, raw keeps it)."""
+    for seed in range(20):
+        x = _set(3 * D, D, seed)
+        for res in (frechet_distance_from_features(x, x), frechet_distance_stats(*_stats(x), *_stats(x)),
+                    frechet_distance_from_features(x[:5], x[:5])):
+            scale = res.mean_term + res.trace1 + res.trace2
+            assert res.value >= 0.0 and res.value == max(res.raw, 0.0)
+            assert abs(res.raw) < RTOL_SCALE * scale
+    # the clip acts on the signed sum only: a constructed negative sum reads 0 with its raw value kept
+    fd = frechet_distance_stats(np.zeros(1), np.eye(1) * (1 + 2 ** -52), np.zeros(1), np.eye(1))
+    assert fd.value >= 0.0 and fd.raw == fd.mean_term + fd.trace1 + fd.trace2 - 2 * fd.trace_sqrt
 
 
 def test_errors_one_sample_and_non_psd() -> None:
@@ -195,22 +304,22 @@ def test_relative_fd_and_result_record() -> None:
 
 
 def test_mixed_route_equals_the_nuclear_route_when_only_the_small_set_kept_features():
-    """Few generated images (n < d) against a large real set known only by its moments."""
-    from fidmed.metrics.fd import frechet_distance_from_features, frechet_distance_from_moments
-    from fidmed.metrics.moments import StreamingMoments
+    """Few generated images (n < d) against a large real set known only by its moments.
 
+    This data failed on AMD hosts before the mixed route became an SVD of B_c F: the centred small set has rank
+    n - 1, so B_c S B_c^T has a zero eigenvalue that eigvalsh returned there as +2.6e-13; its square root
+    (5e-7) entered the trace, 1.6e-9 relative off the 50-digit value 236.691507287322098...
+    """
     rng = np.random.default_rng(3)
     d = 48
     small = rng.normal(size=(20, d)) * 2.0 + 1.0
     large = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.3
+    ref_fd, _, scale = _mp_reference(small, large)
     exact = frechet_distance_from_features(small, large, route="nuclear").value
-    m_small = StreamingMoments(d, keep_features=True)
-    m_small.update(torch.as_tensor(small))
-    m_large = StreamingMoments(d, keep_features=False)
-    m_large.update(torch.as_tensor(large))
+    assert abs(exact - ref_fd) < RTOL_SCALE * scale
+    m_small, m_large = _moments(small, True), _moments(large, False)
     for a, b in ((m_small, m_large), (m_large, m_small)):
         res = frechet_distance_from_moments(a, b)
-        assert res.route == "mixed"
-        assert res.value == pytest.approx(exact, rel=1e-11)
-    eigh = frechet_distance_from_moments(m_small, m_large, route="eigh").value
-    assert abs(eigh - exact) > abs(frechet_distance_from_moments(m_small, m_large).value - exact)
+        assert res.route == "mixed" and (res.n1, res.n2) == (a.count, b.count)
+        assert abs(res.value - ref_fd) < RTOL_SCALE * scale
+        assert res.value == pytest.approx(exact, rel=1e-13)

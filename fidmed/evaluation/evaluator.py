@@ -357,7 +357,8 @@ class Evaluator:
             protocol = self.protocol(ex, gen, r)
             fd = frechet_distance_from_moments(moments_for_fd(g), moments_for_fd(r.full))
             records.append(MetricRecord(ex.name, ex.study_name, "fd", fd.value,
-                                        {"route": fd.route, "mean_term": fd.mean_term}, protocol, ctx))
+                                        {"route": fd.route, "mean_term": fd.mean_term, "raw": fd.raw,
+                                         "constant_dims": fd.constant_dims}, protocol, ctx))
             if "rfd" in self.metrics:
                 split = frechet_distance_from_moments(r.half_a, r.half_b)
                 value = fd.value / split.value if split.value > 0 else float("nan")

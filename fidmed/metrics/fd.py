@@ -2,28 +2,48 @@
 
     FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)
 
-Three routes for the trace term tr((S1 S2)^1/2):
+The whole difficulty is the trace term. For any factors S1 = F1 F1^T and S2 = F2 F2^T (square or not),
+S1 S2 = F1 (F1^T F2) F2^T has the same non-zero eigenvalues as M M^T with M = F1^T F2, so
 
-``cholesky`` (covariances, one of them positive definite; the default for statistics): S1 = L L^T, then
-    tr((S1 S2)^1/2) = sum sqrt(eig(L^T S2 L)) (L^T S2 L = L^-1 S1 S2 L is similar to S1 S2 and symmetric PSD).
-    About 3x less work than ``eigh`` and >= 10x faster than scipy.linalg.sqrtm at d = 2048
-    (benchmarks/results/fd_trace.md).
+    tr((S1 S2)^1/2) = sum of singular values of M = ||F1^T F2||_*      (the nuclear norm).
 
-``eigh`` (covariances, any PSD pair; used when neither is definite): S1 = V diag(w) V^T with symmetric eigh,
-    R = S1^1/2 = V diag(sqrt w) V^T, then tr((S1 S2)^1/2) = sum sqrt(eig(R S2 R)) with eigvalsh of the symmetric
-    PSD matrix R S2 R (same eigenvalues as S1 S2).
+Every route below computes that nuclear norm with an SVD; they differ only in where the factors come from.
+An SVD returns each singular value, zero ones included, to an absolute accuracy of about eps * ||M||; the
+classic routes (sqrtm, or sqrt of the eigenvalues of S1^1/2 S2 S1^1/2) square M first and take square roots of
+eigenvalues afterwards, which turns an eigenvalue computed as eps * lambda_max instead of 0 into a term
+sqrt(eps * lambda_max): about 8 of float64's 16 digits, for every numerically-zero eigenvalue. Whether such an
+eigenvalue rounds to +2.6e-13 (and counts) or to -1e-13 (and is clipped) depends on the BLAS/LAPACK build
+and the CPU, so those routes give machine-dependent digits exactly when covariances are singular (fewer images
+than dimensions, constant features, dead ReLU units). No route here ever takes the square root of a computed
+eigenvalue of a product; and no epsilon is ever added to a diagonal.
 
-Both covariance routes clip tiny negative eigenvalues from rounding to 0; a negative eigenvalue larger than
-``psd_rtol`` times the largest one means a covariance that is not positive semidefinite and raises.
-No epsilon is ever added to a diagonal.
+Routes (``FDResult.route`` records which one made a number):
 
-``nuclear`` (features available): with centred feature matrices A_c [n1, d] and B_c [n2, d],
-    S1 S2 = A_c^T A_c B_c^T B_c / ((n1-1)(n2-1)), whose square-root trace is the sum of singular values of the
-    cross matrix A_c B_c^T:  tr((S1 S2)^1/2) = ||A_c B_c^T||_* / sqrt((n1-1)(n2-1)).
-    An SVD gives small singular values to absolute accuracy eps * sigma_max, whereas a square root of an
-    eigenvalue computed near 0 turns an error eps * lambda_max into sqrt(eps * lambda_max): when n < d the d - n
-    (near-)zero eigenvalues of the eigh route cost about 7 of float64's 16 digits. ``frechet_distance_from_features``
-    therefore uses the nuclear route whenever min(n1, n2) < d.
+``nuclear`` (both feature sets available): F = centred features, M = A_c B_c^T / sqrt((n1-1)(n2-1)), reduced by
+    a QR when a set has more rows than dimensions. Exact to rounding for any n and any rank. Taken by
+    ``frechet_distance_from_features`` whenever min(n1, n2) < d or a covariance is singular.
+
+``mixed`` (features of a small set, moments of the other): F_g = B_c^T / sqrt(n-1) for the features, a factor of
+    the other covariance as below. Exact to rounding; for few generated images against cached real statistics.
+
+``cholesky`` (moments only, both covariances positive definite after constant features are set aside): the
+    Cholesky factors. The default for statistics.
+
+``eigh`` (moments only, a covariance singular): that covariance's factor is V_r diag(sqrt w_r) from a symmetric
+    eigendecomposition, keeping only the eigenvalues above its numerical-rank threshold (d * eps * w_max, the
+    convention of numpy.linalg.matrix_rank) and at most n - 1 of them (a covariance of n images has rank <= n-1).
+    The eigenvalues dropped are within the rounding error of the covariance itself, so dropping them is a
+    perturbation no larger than the one already in the input; keeping them would add sqrt(rounding) terms.
+
+Constant features. A feature whose spread is below float64's resolution of its own mean or of the set's largest
+spread (variance <= (eps * max(|mean|, largest std))^2, e.g. a dead ReLU unit, exactly 0) has a zero row and
+column in its covariance, and then tr((S1 S2)^1/2) equals the same trace over the other features alone (S1 S2
+restricted to them has the same non-zero eigenvalues). Such features are set aside from the trace term (their
+mean and variance still count in the other terms) before factoring, so that singular covariances of that common
+kind keep the fast, exact Cholesky route. ``FDResult.constant_dims`` says how many there were.
+
+Negative results. FD >= 0 in exact arithmetic; in float64 a set compared with itself can give -1e-16.
+``FDResult.value`` is max(FD, 0); the signed sum is kept in ``FDResult.raw``.
 """
 
 from __future__ import annotations
@@ -41,13 +61,15 @@ from fidmed.errors import FidmedError
 #: still rejects covariances that are not PSD (or were stored in float32, whose rounding is ~1e-7 relative).
 DEFAULT_PSD_RTOL = 1e-8
 
+_EPS = float(np.finfo(np.float64).eps)
+
 
 @dataclass(frozen=True)
 class FDResult:
     """An FD value and how it was made (log it with the number)."""
 
-    value: float
-    route: str  # "cholesky", "eigh" or "nuclear"
+    value: float  # max(raw, 0)
+    route: str  # "cholesky", "eigh", "nuclear" or "mixed"
     n1: int | None  # sample counts (None when only statistics were given)
     n2: int | None
     dim: int
@@ -55,6 +77,8 @@ class FDResult:
     trace1: float  # tr(S1)
     trace2: float  # tr(S2)
     trace_sqrt: float  # tr((S1 S2)^1/2)
+    raw: float | None = None  # the signed sum mean_term + trace1 + trace2 - 2 trace_sqrt (value clips it at 0)
+    constant_dims: int = 0  # features set aside from the trace term as constant in either set
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,19 +87,13 @@ class FDResult:
         return self.value
 
 
-# ---------------------------------------------------------------------------------------------- statistics route
-def _check_stats(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> int:
-    if mu1.ndim != 1 or mu2.shape != mu1.shape:
-        raise FidmedError(f"mean vectors must be 1-D of equal length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}")
-    d = mu1.shape[0]
-    if cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise FidmedError(f"covariances must be [{d}, {d}], got {tuple(cov1.shape)} and {tuple(cov2.shape)}")
-    for name, a in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
-        if not bool(torch.isfinite(a).all()):
-            raise FidmedError(f"{name} contains NaN or infinite values; recompute the statistics")
-    return d
+def _result(route: str, n1: int | None, n2: int | None, dim: int, mean_term: float, t1: float, t2: float,
+            ts: float, constant_dims: int = 0) -> FDResult:
+    raw = mean_term + t1 + t2 - 2.0 * ts
+    return FDResult(max(raw, 0.0), route, n1, n2, dim, mean_term, t1, t2, ts, raw, constant_dims)
 
 
+# ---------------------------------------------------------------------------------------------- factors
 def _clip_psd(w: torch.Tensor, what: str, psd_rtol: float) -> torch.Tensor:
     """Clip rounding-size negative eigenvalues to 0; raise on larger ones (a non-PSD input)."""
     top = float(w.max()) if w.numel() else 0.0
@@ -89,54 +107,105 @@ def _clip_psd(w: torch.Tensor, what: str, psd_rtol: float) -> torch.Tensor:
     return w.clamp(min=0.0)
 
 
-def _sum_sqrt_eigvals(m: torch.Tensor, psd_rtol: float) -> float:
-    """sum sqrt(eig(M)) for a symmetric PSD M = F^T S F (congruent to S when F is invertible, so a clearly negative
-    eigenvalue means S is not PSD: Sylvester's law of inertia)."""
-    m = 0.5 * (m + m.T)
-    wm = _clip_psd(torch.linalg.eigvalsh(m), "a covariance (seen through the other's root or Cholesky factor)",
-                   psd_rtol)
-    return float(wm.sqrt().sum())
-
-
-def _trace_sqrt_eigh(cov1: torch.Tensor, cov2: torch.Tensor, psd_rtol: float) -> float:
-    """tr((S1 S2)^1/2) = sum sqrt eig(S1^1/2 S2 S1^1/2), S1^1/2 from a symmetric eigh of S1 (works for singular S1)."""
-    w1, v1 = torch.linalg.eigh(cov1)
-    w1 = _clip_psd(w1, "covariance 1", psd_rtol)
-    root1 = (v1 * w1.sqrt()) @ v1.T  # S1^1/2 = V diag(sqrt w) V^T
-    return _sum_sqrt_eigvals(root1 @ cov2 @ root1, psd_rtol)
+def _rank_tol(d: int) -> float:
+    """Relative threshold below which an eigenvalue (or Cholesky pivot) is numerically zero: d * eps."""
+    return max(d, 1) * _EPS
 
 
 def _cholesky(cov: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor, or None when the matrix is not (numerically) positive definite."""
-    chol, info = torch.linalg.cholesky_ex(cov)
-    return chol if int(info) == 0 else None
+    """Lower Cholesky factor, or None when the matrix is not positive definite at the rank tolerance.
 
-
-def _trace_sqrt_cholesky(chol1: torch.Tensor, cov2: torch.Tensor, psd_rtol: float) -> float:
-    """tr((S1 S2)^1/2) = sum sqrt eig(L^T S2 L) with S1 = L L^T: L^T S2 L = L^-1 (S1 S2) L is similar to S1 S2.
-
-    A Cholesky and two products instead of a full eigendecomposition with vectors: about 2-3x less time than the
-    eigh route (benchmarks/results/fd_trace.md), with the same backward error (both factorisations are backward
-    stable).
+    A Cholesky that succeeds on a singular matrix (rounding made it slightly definite) has pivots L_kk^2 of the
+    size of that rounding; each pivot bounds the smallest eigenvalue from above, so a pivot below d * eps of the
+    largest diagonal entry marks the matrix as numerically singular and sends it to the eigh factor.
     """
-    return _sum_sqrt_eigvals((chol1.T @ cov2) @ chol1, psd_rtol)
+    if cov.shape[0] == 0:
+        return cov.new_zeros((0, 0))
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        return None
+    pivots = chol.diagonal() ** 2
+    if float(pivots.min()) <= _rank_tol(cov.shape[0]) * float(cov.diagonal().max()):
+        return None
+    return chol
 
 
-def _trace_sqrt_stats(cov1: torch.Tensor, cov2: torch.Tensor, method: str, psd_rtol: float) -> tuple[float, str]:
+def _eigh_factor(cov: torch.Tensor, n: int | None, what: str, psd_rtol: float) -> torch.Tensor:
+    """F = V_r diag(sqrt w_r) with F F^T = cov up to its rounding, r = numerical rank (at most n - 1)."""
+    w, v = torch.linalg.eigh(cov)
+    w = _clip_psd(w, what, psd_rtol)
+    keep = w > _rank_tol(cov.shape[0]) * float(w.max()) if w.numel() else w > 0
+    if n is not None and int(keep.sum()) > n - 1:
+        # eigh sorts ascending: keep the n - 1 largest
+        keep = torch.zeros_like(keep)
+        keep[w.numel() - (n - 1):] = True
+    return v[:, keep] * w[keep].sqrt()
+
+
+def _factor(cov: torch.Tensor, n: int | None, what: str, psd_rtol: float, allow_eigh: bool = True
+            ) -> tuple[torch.Tensor, bool]:
+    """A factor F of ``cov`` (F F^T = cov) and whether it is a Cholesky factor (else a rank-truncated eigh one)."""
+    chol = _cholesky(cov)
+    if chol is not None:
+        return chol, True
+    if not allow_eigh:
+        raise FidmedError(f"{what} is not positive definite; use method='eigh' (or 'auto')")
+    return _eigh_factor(cov, n, what, psd_rtol), False
+
+
+def _nuclear_norm(m: torch.Tensor) -> float:
+    """Sum of singular values (0 for an empty matrix)."""
+    if m.numel() == 0:
+        return 0.0
+    return float(torch.linalg.svdvals(m).sum())
+
+
+def _constant_dims(var: torch.Tensor, mean: torch.Tensor, what: str, psd_rtol: float) -> torch.Tensor:
+    """Features whose spread is below float64's resolution of their mean or of the set's largest spread.
+
+    ``var`` is a covariance's diagonal: a clearly negative entry means the matrix is not PSD (raises).
+    """
+    _clip_psd(var, what, psd_rtol)
+    top = var.max().clamp(min=0.0).sqrt() if var.numel() else var.new_zeros(())
+    return var.abs() <= (_EPS * torch.maximum(mean.abs(), top)) ** 2
+
+
+def _check_stats(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> int:
+    if mu1.ndim != 1 or mu2.shape != mu1.shape:
+        raise FidmedError(f"mean vectors must be 1-D of equal length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}")
+    d = mu1.shape[0]
+    if cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise FidmedError(f"covariances must be [{d}, {d}], got {tuple(cov1.shape)} and {tuple(cov2.shape)}")
+    for name, a in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
+        if not bool(torch.isfinite(a).all()):
+            raise FidmedError(f"{name} contains NaN or infinite values; recompute the statistics")
+    return d
+
+
+def _sym(m: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (m + m.T)
+
+
+def _trace_sqrt_stats(mu1: torch.Tensor, cov1: torch.Tensor, n1: int | None, mu2: torch.Tensor,
+                      cov2: torch.Tensor, n2: int | None, method: str, psd_rtol: float
+                      ) -> tuple[float, str, int]:
+    """tr((S1 S2)^1/2) from covariances: (value, route, number of constant features set aside)."""
     if method not in ("auto", "cholesky", "eigh"):
         raise FidmedError(f"unknown FD method {method!r}; use 'auto', 'cholesky' or 'eigh'")
-    if method in ("auto", "cholesky"):
-        chol = _cholesky(cov1)
-        if chol is not None:
-            return _trace_sqrt_cholesky(chol, cov2, psd_rtol), "cholesky"
-        chol = _cholesky(cov2)  # the trace term is symmetric in S1, S2: factor whichever is definite
-        if chol is not None:
-            return _trace_sqrt_cholesky(chol, cov1, psd_rtol), "cholesky"
-        if method == "cholesky":
-            raise FidmedError("neither covariance is positive definite; use method='eigh' (or 'auto')")
-    # singular covariances (fewer images than dimensions, constant features) or a non-PSD input: eigh checks
-    # both (a non-PSD S1 shows in its eigenvalues, a non-PSD S2 in those of S1^1/2 S2 S1^1/2).
-    return _trace_sqrt_eigh(cov1, cov2, psd_rtol), "eigh"
+    const = (_constant_dims(cov1.diagonal(), mu1, "covariance 1", psd_rtol)
+             | _constant_dims(cov2.diagonal(), mu2, "covariance 2", psd_rtol))
+    keep = ~const
+    c1, c2 = _sym(cov1[keep][:, keep]), _sym(cov2[keep][:, keep])
+    if method == "eigh":
+        f1 = _eigh_factor(c1, n1, "covariance 1", psd_rtol)
+        f2 = _eigh_factor(c2, n2, "covariance 2", psd_rtol)
+        route = "eigh"
+    else:
+        allow = method == "auto"
+        f1, chol1 = _factor(c1, n1, "covariance 1", psd_rtol, allow)
+        f2, chol2 = _factor(c2, n2, "covariance 2", psd_rtol, allow)
+        route = "cholesky" if chol1 and chol2 else "eigh"
+    return _nuclear_norm(f1.T @ f2), route, int(const.sum())
 
 
 def _f64(x: Any, device: str | torch.device | None) -> torch.Tensor:
@@ -158,9 +227,11 @@ def frechet_distance_stats(
 ) -> FDResult:
     """FD from means and covariances (numpy or torch; computed in float64), with its terms.
 
-    ``method``: "cholesky" (S1 or S2 positive definite), "eigh" (any PSD pair), or "auto" (Cholesky when one
-    covariance is definite, else eigh). The result's ``route`` says which one ran. ``device``: where the linear
-    algebra runs (default: where the inputs are; numpy inputs: the CPU).
+    ``method``: "cholesky" (both covariances positive definite once constant features are set aside; raises
+    otherwise), "eigh" (rank-truncated eigendecomposition factors for both), or "auto" (Cholesky where a
+    covariance is definite, eigh for the singular one). ``n1``/``n2`` (sample counts), when given, bound each
+    covariance's rank by n - 1. The result's ``route`` says which factors were used. ``device``: where the
+    linear algebra runs (default: where the inputs are; numpy inputs: the CPU).
     """
     if device is None:
         device = cov1.device if isinstance(cov1, torch.Tensor) else torch.device("cpu")
@@ -173,8 +244,8 @@ def frechet_distance_stats(
     diff = mu1 - mu2
     mean_term = float(diff @ diff)
     t1, t2 = float(cov1.diagonal().sum()), float(cov2.diagonal().sum())
-    ts, route = _trace_sqrt_stats(cov1, cov2, method, psd_rtol)
-    return FDResult(mean_term + t1 + t2 - 2.0 * ts, route, n1, n2, d, mean_term, t1, t2, ts)
+    ts, route, n_const = _trace_sqrt_stats(mu1, cov1, n1, mu2, cov2, n2, method, psd_rtol)
+    return _result(route, n1, n2, d, mean_term, t1, t2, ts, n_const)
 
 
 def frechet_distance(
@@ -218,8 +289,7 @@ def _reduce_rows(x_c: torch.Tensor) -> torch.Tensor:
 def _trace_sqrt_nuclear(a_c: np.ndarray, b_c: np.ndarray) -> float:
     n1, n2 = a_c.shape[0], b_c.shape[0]
     cross = _reduce_rows(_f64(a_c, None)) @ _reduce_rows(_f64(b_c, None)).T
-    s = torch.linalg.svdvals(cross)
-    return float(s.sum()) / float(np.sqrt((n1 - 1.0) * (n2 - 1.0)))
+    return _nuclear_norm(cross) / float(np.sqrt((n1 - 1.0) * (n2 - 1.0)))
 
 
 def frechet_distance_from_features(
@@ -227,9 +297,9 @@ def frechet_distance_from_features(
 ) -> FDResult:
     """FD between two feature sets ``[n1, d]`` and ``[n2, d]`` (numpy or torch; computed in float64).
 
-    ``route``: "auto" takes the exact nuclear-norm route when min(n1, n2) < d and the covariance route
-    ("cholesky", falling back to "eigh" for singular covariances) otherwise; "nuclear", "cholesky" and "eigh"
-    force one (for tests and diagnostics).
+    ``route``: "auto" takes the Cholesky route when both sets have at least d images and both covariances are
+    positive definite (constant features set aside), and the exact nuclear route otherwise (min(n) < d, or a
+    singular covariance); "nuclear", "cholesky" and "eigh" force one (for tests and diagnostics).
     """
     a = _as_features(a, "features 1")
     b = _as_features(b, "features 2")
@@ -239,47 +309,49 @@ def frechet_distance_from_features(
         raise FidmedError(f"unknown FD route {route!r}; use 'auto', 'nuclear', 'cholesky' or 'eigh'")
     n1, d = a.shape
     n2 = b.shape[0]
-    if route == "auto":
-        route = "nuclear" if min(n1, n2) < d else "auto"
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
     a_c, b_c = a - mu1, b - mu2
     diff = mu1 - mu2
     mean_term = float(diff @ diff)
     t1 = float(np.einsum("ij,ij->", a_c, a_c) / (n1 - 1))
     t2 = float(np.einsum("ij,ij->", b_c, b_c) / (n2 - 1))
-    if route == "nuclear":
-        ts = _trace_sqrt_nuclear(a_c, b_c)
-    else:
-        cov1 = a_c.T @ a_c / (n1 - 1)
-        cov2 = b_c.T @ b_c / (n2 - 1)
-        ts, route = _trace_sqrt_stats(_f64(0.5 * (cov1 + cov1.T), None), _f64(0.5 * (cov2 + cov2.T), None), route,
-                                      psd_rtol)
-    return FDResult(mean_term + t1 + t2 - 2.0 * ts, route, n1, n2, d, mean_term, t1, t2, ts)
+    if route != "nuclear" and not (route == "auto" and min(n1, n2) < d):
+        cov1, cov2 = _f64(a_c.T @ a_c / (n1 - 1), None), _f64(b_c.T @ b_c / (n2 - 1), None)
+        ts, got, n_const = _trace_sqrt_stats(_f64(mu1, None), cov1, n1, _f64(mu2, None), cov2, n2,
+                                             "auto" if route == "auto" else route, psd_rtol)
+        if route != "auto" or (got == "cholesky" and n_const == 0):
+            return _result(got, n1, n2, d, mean_term, t1, t2, ts, n_const)
+    return _result("nuclear", n1, n2, d, mean_term, t1, t2, _trace_sqrt_nuclear(a_c, b_c))
 
 
-def frechet_distance_mixed(features: Any, mu: Any, cov: Any, psd_rtol: float = DEFAULT_PSD_RTOL) -> FDResult:
-    """FD between a small feature set ``[n, d]`` (n < d) and a set known only by its mean and covariance.
+def frechet_distance_mixed(features: Any, mu: Any, cov: Any, n_stats: int | None = None,
+                           psd_rtol: float = DEFAULT_PSD_RTOL) -> FDResult:
+    """FD between a feature set ``[n, d]`` and a set known only by its mean and covariance (of ``n_stats``
+    images, when known).
 
-    With B_c the centred features and S_g = B_c^T B_c / (n - 1), the non-zero eigenvalues of S S_g are those of
-    the n x n symmetric PSD matrix B_c S B_c^T / (n - 1), so tr((S S_g)^1/2) = sum sqrt(eig(B_c S B_c^T)) / sqrt(n-1).
-    That matrix has no block of d - n zero eigenvalues whose rounding errors a square root would amplify, which
-    is what costs the eigh/Cholesky routes about 7 digits when n < d; it needs the features of one set only
-    (e.g. few generated images against the cached statistics of a large real set).
+    With B_c the centred features (S_g = B_c^T B_c / (n - 1)) and S = F F^T a factor of the other covariance,
+    tr((S S_g)^1/2) = ||B_c F||_* / sqrt(n - 1): the singular values of an n x d matrix, exact to rounding
+    even though S_g has d - n + 1 zero eigenvalues. For few generated images (n < d) against the cached
+    statistics of a large real set, where the covariance routes would lose about 8 digits.
     """
     b = _as_features(features, "features")
     n, d = b.shape
     mu_t, cov_t = _f64(mu, None), _f64(cov, None)
     if mu_t.shape != (d,) or cov_t.shape != (d, d):
         raise FidmedError(f"statistics of dimension {tuple(cov_t.shape)} do not match features of dimension {d}")
+    if not (bool(torch.isfinite(mu_t).all()) and bool(torch.isfinite(cov_t).all())):
+        raise FidmedError("the statistics contain NaN or infinite values; recompute them")
     mu_b = b.mean(axis=0)
     b_c = _f64(b - mu_b, None)
     diff = _f64(mu_b, None) - mu_t
     mean_term = float(diff @ diff)
     t_feat = float((b_c * b_c).sum() / (n - 1))
     t_cov = float(cov_t.diagonal().sum())
-    inner = b_c @ (0.5 * (cov_t + cov_t.T)) @ b_c.T
-    ts = _sum_sqrt_eigvals(inner, psd_rtol) / float(np.sqrt(n - 1.0))
-    return FDResult(mean_term + t_feat + t_cov - 2.0 * ts, "mixed", n, None, d, mean_term, t_feat, t_cov, ts)
+    # constant features of the statistics side have zero rows and columns in S: set them aside (exact)
+    keep = ~_constant_dims(cov_t.diagonal(), mu_t, "the covariance", psd_rtol)
+    factor, _ = _factor(_sym(cov_t[keep][:, keep]), n_stats, "the covariance", psd_rtol)
+    ts = _nuclear_norm(b_c[:, keep] @ factor) / float(np.sqrt(n - 1.0))
+    return _result("mixed", n, n_stats, d, mean_term, t_feat, t_cov, ts, int((~keep).sum()))
 
 
 def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDResult:
@@ -287,7 +359,7 @@ def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDRe
 
     ``route`` as in ``frechet_distance_from_features``, plus "mixed" (:func:`frechet_distance_mixed`), which
     "auto" takes when only the smaller set (n < d) kept its features. Without kept features only the covariance
-    routes exist.
+    routes exist (still exact for the common singular case of constant features).
     """
     if m1.count < 2 or m2.count < 2:
         raise FidmedError(f"need at least 2 images per set to compute an FD, got {m1.count} and {m2.count}")
@@ -297,14 +369,10 @@ def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDRe
     if route == "auto" and not have_features:
         small, large = (m1, m2) if m1.count <= m2.count else (m2, m1)
         if small.keep_features and small.count < small.dim:
-            res = frechet_distance_mixed(small.features, large.mean, large.cov)
-            if small is m2:  # report the terms in the caller's order
-                res = FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, res.trace2,
-                               res.trace1, res.trace_sqrt)
-            else:
-                res = FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, res.trace1,
-                               res.trace2, res.trace_sqrt)
-            return res
+            res = frechet_distance_mixed(small.features, large.mean, large.cov, n_stats=large.count)
+            t1, t2 = (res.trace1, res.trace2) if small is m1 else (res.trace2, res.trace1)
+            return FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, t1, t2,
+                            res.trace_sqrt, res.raw, res.constant_dims)
     if route == "nuclear":
         if not have_features:
             raise FidmedError("the nuclear FD route needs kept features: use StreamingMoments(keep_features=True)")
