@@ -443,3 +443,113 @@ def fpr_means_sorted(modality: str) -> list[float]:
 
 def answers_with_mri(tmp_path: Path) -> Path:
     return write_csv_rows(tmp_path / "answers_mri.csv", [a.to_dict() for a in make_answers()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Equal means rank equal (exact aggregation): the issue's example, five raters and 10 generated images per model.
+# m1 and m2 both have 28 of 50 generated images called real; float summation gives 0.5599999999999999 and 0.56.
+
+TIED_FP = {"m1": (5, 7, 8, 8, 0), "m2": (2, 4, 10, 8, 4), "m3": (10, 9, 9, 9, 9), "m4": (1, 1, 1, 1, 1)}
+# FDs with the same tie: m3 best, m1 = m2, m4 worst; the human FPR order reversed exactly (Spearman -1)
+TIED_FD = {"m1": 2.0, "m2": 2.0, "m3": 1.0, "m4": 3.0}
+
+
+def tied_answers(fp=TIED_FP, n=10, ratings=(4.0, 3.0, 2.0)) -> list[Answer]:
+    """Real images all called real (rating ratings[0]); generated ones rated ratings[1] when called real, else
+    ratings[2]."""
+    out = []
+    for model, counts in fp.items():
+        for rater, k in zip("abcde", counts):
+            for i in range(n):
+                out.append(Answer("ct", rater, model, f"{model}-r{i}", REAL, REAL, ratings[0]))
+                said = REAL if i < k else GENERATED
+                out.append(Answer("ct", rater, model, f"{model}-g{i}", GENERATED, said,
+                                  ratings[1] if said == REAL else ratings[2]))
+    return out
+
+
+def tied_results(fd=TIED_FD) -> list[dict]:
+    return [{"modality": "ct", "augmentation": m, "extractor": ex, "metric": "fd", "value": v * (1 + j),
+             "results_file": f"{ex}/{m}"} for j, ex in enumerate(("swav", "dino")) for m, v in fd.items()]
+
+
+def test_equal_means_rank_equal_and_correlate_exactly(tmp_path):
+    from fidmed.analysis.report import build_report
+
+    a = analyze(tied_results(), human_from_answers(tied_answers()), criteria=["fpr", "diff"], n_boot=20)
+    ranks = {(r["ranker"], r["model"]): r["rank"] for r in a.tables["rankings"]}
+    assert [ranks[("fpr", m)] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    assert [ranks[("diff", m)] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    assert [ranks[("swav", m)] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    scores = {r["model"]: r for r in a.tables["human_scores"]}
+    assert scores["m1"]["fpr"] == scores["m2"]["fpr"] == 0.56
+    for row in a.tables["correlations"]:
+        sign = -1 if row["criterion"] == "fpr" else 1
+        # float means ranked m1 below m2 (FD: equal): Spearman -0.95 and Kendall -0.91 instead of -1
+        assert row["spearman"] == pytest.approx(sign, abs=1e-12)
+        assert row["kendall"] == pytest.approx(sign, abs=1e-12)
+    md = build_report(a, tmp_path / "report").markdown_path.read_text()
+    assert "| model | dino | swav | fpr | diff |" in md
+    assert "| m1 | 2.5= (4) | 2.5= (2) | 2.5= (0.56) | 2.5= (1.44) |" in md
+    assert "| m2 | 2.5= (4) | 2.5= (2) | 2.5= (0.56) | 2.5= (1.44) |" in md
+    assert "| m3 | 1 (2) | 1 (1) | 1 (0.92) | 1 (1.08) |" in md
+    # the per-model human table marks the tied ranks too
+    human_table = md.split("### Human scores per model")[1].split("###")[0]
+    assert "| ct | m1 | 5 | 0.56 | 1.44 | 2.5= | 2.5= |" in human_table
+    assert "| ct | m2 | 5 | 0.56 | 1.44 | 2.5= | 2.5= |" in human_table
+    assert "| ct | m3 | 5 | 0.92 | 1.08 | 1 | 1 |" in human_table
+
+
+@pytest.mark.parametrize("typed", ["fractions", "percentages"])
+def test_tables_typed_as_fractions_or_percentages_rank_alike(tmp_path, typed):
+    rows = [{"modality": "ct", "rater": r, "model": m, "fpr": f"{k / 10}" if typed == "fractions" else f"{k * 10}"}
+            for m, counts in TIED_FP.items() for r, k in zip("abcde", counts)]
+    human = load_human(write_csv_rows(tmp_path / "scores.csv", rows))
+    a = analyze(tied_results(), human, criteria=["fpr"], n_boot=0)
+    ranks = {r["model"]: r["rank"] for r in a.tables["rankings"] if r["ranker"] == "fpr"}
+    assert ranks == {"m1": 2.5, "m2": 2.5, "m3": 1.0, "m4": 4.0}
+    for row in a.tables["correlations"]:
+        assert row["spearman"] == pytest.approx(-1, abs=1e-12) and row["kendall"] == pytest.approx(-1, abs=1e-12)
+
+
+def boot_undefined(analysis) -> dict:
+    return {(r["extractor"], r["criterion"], m): r[f"{m}_boot_undefined"] for r in analysis.tables["correlations"]
+            for m in ("pearson", "spearman", "kendall")}
+
+
+def test_bootstrap_keeps_exact_ties_over_raters(tmp_path):
+    # Two models: a replicate whose resampled raters give m1 and m2 equal means makes every correlation with the
+    # (distinct) FDs undefined. Typed as percentages the per-rater values are integers and float means are exact, so
+    # the fractions table must give the same number of undefined replicates (float sums broke some of the ties).
+    fp = {m: TIED_FP[m] for m in ("m1", "m2")}
+    fd = {"m1": 1.0, "m2": 2.0}
+    out = {}
+    for typed in ("fractions", "percentages"):
+        rows = [{"modality": "ct", "rater": r, "model": m, "fpr": f"{k / 10}" if typed == "fractions" else f"{k * 10}"}
+                for m, counts in fp.items() for r, k in zip("abcde", counts)]
+        human = load_human(write_csv_rows(tmp_path / f"{typed}.csv", rows))
+        out[typed] = boot_undefined(analyze(tied_results(fd), human, criteria=["fpr"], n_boot=400, seed=3))
+    assert out["fractions"] == out["percentages"]
+    assert min(out["percentages"].values()) > 20  # ties are common: the test tests something
+
+
+def test_bootstrap_keeps_exact_ties_over_raters_and_images():
+    # Answers: each rater gives all real images of a model one rating and all generated images another, so Diff
+    # does not change when images are resampled. Ratings in tenths (1.3, 1.8, ...) against the same ratings times 10
+    # (integers, exact in floats): the same Diff order in every replicate, so the same undefined count.
+    d = {"m1": (5, 7, 8, 8, 0), "m2": (2, 4, 10, 8, 4)}
+    fd = {"m1": 1.0, "m2": 2.0}
+    out = {}
+    for scale in (1, 10):
+        answers = []
+        for model, ks in d.items():
+            for rater, k in zip("abcde", ks):
+                for i in range(3):
+                    answers.append(Answer("ct", rater, model, f"{model}-r{i}", REAL, REAL, (13 + k) * scale / 10))
+                    answers.append(Answer("ct", rater, model, f"{model}-g{i}", GENERATED, GENERATED,
+                                          13 * scale / 10))
+        a = analyze(tied_results(fd), human_from_answers(answers), criteria=["diff"], n_boot=400, seed=3)
+        out[scale] = boot_undefined(a)
+        assert {r["model"]: r["rank"] for r in a.tables["rankings"] if r["ranker"] == "diff"} == {"m1": 1.5, "m2": 1.5}
+    assert out[1] == out[10]
+    assert min(out[10].values()) > 20

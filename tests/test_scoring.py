@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fidmed.analysis.scoring import (GENERATED, REAL, Answer, KSTest, aggregate_scores, exact_ks_pvalue,
-                                     ks_statistic, rank_best_first, rater_scores, score_answers)
+from fidmed.analysis.scoring import (GENERATED, REAL, Answer, KSTest, aggregate_scores, criteria_from_names,
+                                     exact_ks_pvalue, ks_statistic, rank_best_first, rater_scores, score_answers,
+                                     score_rows_from_table)
 from fidmed.errors import DataError
 
 
@@ -186,3 +187,91 @@ def test_bad_answer_sets_name_what_is_wrong():
     two_models = base + answers("a", "m2", [("real", 4)] * 2, [("generated", 2)] * 2)
     with pytest.raises(DataError, match=r"model m2 \(ct\) has no answers from rater\(s\) b"):
         score_answers(two_models)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Equal means rank equal: per-model means are aggregated exactly (fractions), not by float summation.
+
+# The issue's example: five raters, 10 generated images per model; generated images called real per rater.
+# m1 and m2 both have 28 of 50 generated images called real (mean FPR 14/25), but in floats
+# mean(0.5, 0.7, 0.8, 0.8, 0.0) = 0.5599999999999999 and mean(0.2, 0.4, 1.0, 0.8, 0.4) = 0.56.
+TIED_FP = {"m1": (5, 7, 8, 8, 0), "m2": (2, 4, 10, 8, 4), "m3": (10, 9, 9, 9, 9), "m4": (1, 1, 1, 1, 1)}
+
+
+def tied_answers(fp=TIED_FP, n=10):
+    """Real images all called real (rating 4); generated images rated 3 when called real, else 2."""
+    rows = []
+    for model, counts in fp.items():
+        for rater, k in zip("abcde", counts):
+            rows += answers(rater, model, [("real", 4)] * n, [("real", 3)] * k + [("generated", 2)] * (n - k))
+    return rows
+
+
+def test_equal_means_rank_equal_from_answers():
+    agg = {a["model"]: a for a in aggregate_scores(score_answers(tied_answers()),
+                                                   criteria=criteria_from_names(["fpr", "diff", "accuracy"]))}
+    # FPR: 14/25 for m1 and m2; float summation gave 0.5599999999999999 and 0.56, ranks 3 and 2
+    assert agg["m1"]["mean_fpr"] == agg["m2"]["mean_fpr"] == 0.56
+    assert [agg[m]["rank_fpr"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    # Diff = 4 - (2 + k/10) per rater: 36/25 for both (floats: 1.44 and 1.4400000000000002)
+    assert agg["m1"]["mean_diff"] == agg["m2"]["mean_diff"] == 1.44
+    assert [agg[m]["rank_diff"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    # accuracy = (20 - k) / 20 per rater: 18/25 for both (floats: 0.72 and 0.7200000000000001)
+    assert agg["m1"]["mean_accuracy"] == agg["m2"]["mean_accuracy"] == 0.72
+    assert [agg[m]["rank_accuracy"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    # equal per-rater distributions also give bitwise-equal SDs
+    assert agg["m1"]["sd_fpr"] == pytest.approx(np.std([0.5, 0.7, 0.8, 0.8, 0.0], ddof=1), rel=1e-14)
+
+
+def test_undefined_t_test_counts_as_not_rejected():
+    # Rater a on m3 and rater c on m2 call every image real: both groups constant and equal, t and p undefined (NaN).
+    # That is no rejection: m3's four other raters (9 of 10 generated called real: t = 1, p = 0.33) are not rejected
+    # either, so all five count; on m2 only d (8 of 10: p = 0.15) and c (undefined) are not rejected.
+    scores = score_answers(tied_answers())
+    undefined = [s for s in scores if math.isnan(s.t_pvalue)]
+    assert [(s.rater, s.model) for s in undefined] == [("a", "m3"), ("c", "m2")]
+    agg = {a["model"]: a for a in aggregate_scores(scores)}
+    assert (agg["m3"]["t_not_rejected"], agg["m3"]["t_undefined"]) == (5, 1)
+    assert (agg["m2"]["t_not_rejected"], agg["m2"]["t_undefined"]) == (2, 1)
+    assert (agg["m4"]["t_not_rejected"], agg["m4"]["t_undefined"]) == (0, 0)
+
+
+def typed_table(scale: int, fp=TIED_FP) -> list[dict[str, str]]:
+    """Per-rater scores as typed into a CSV (strings), n = 10 generated images: FPR as fractions (scale 1: '0.7')
+    or as percentages (scale 100: '70'), Diff likewise."""
+    rows = []
+    for model, counts in fp.items():
+        for rater, k in zip("abcde", counts):
+            fpr, diff = (f"{k / 10}", f"{(20 - k) / 10}") if scale == 1 else (f"{k * 10}", f"{(20 - k) * 10}")
+            rows.append({"modality": "ct", "rater": rater, "model": model, "fpr": fpr, "diff": diff})
+    return rows
+
+
+@pytest.mark.parametrize("scale", [1, 100])
+def test_equal_means_rank_equal_from_tables_as_fractions_or_percentages(scale):
+    crits = criteria_from_names(["fpr", "diff"])
+    agg = {a["model"]: a for a in aggregate_scores(score_rows_from_table(typed_table(scale)), criteria=crits)}
+    assert agg["m1"]["mean_fpr"] == agg["m2"]["mean_fpr"] == {1: 0.56, 100: 56.0}[scale]
+    assert [agg[m]["rank_fpr"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    assert agg["m1"]["mean_diff"] == agg["m2"]["mean_diff"]
+    assert [agg[m]["rank_diff"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+
+
+def test_scores_written_and_read_back_aggregate_exactly(tmp_path):
+    # Three generated images per model: rates k/3 have no finite decimal. m1's raters call 1, 1, 1 and m2's 3, 0, 0
+    # of them real: both 3 of 9. The CSV holds 0.3333333333333333 for 1/3; read back, the rates are rebuilt from
+    # the denominators (n_generated), so the tie survives (the decimals alone sum to 0.9999999999999999 vs 1).
+    from fidmed.analysis.scoring import RATER_SCORE_COLUMNS
+    from fidmed.analysis.tabular import read_csv_rows, write_csv_rows
+
+    rows = tied_answers({"m1": (1, 1, 1), "m2": (3, 0, 0), "m3": (2, 2, 3)}, n=3)
+    scores = score_answers(rows)
+    path = write_csv_rows(tmp_path / "vtt_scores.csv", [s.to_dict() for s in scores], RATER_SCORE_COLUMNS)
+    back = score_rows_from_table(read_csv_rows(path))
+    crits = criteria_from_names(["fpr", "diff", "accuracy", "ks_stat"])
+    in_memory, read_back = aggregate_scores(scores, criteria=crits), aggregate_scores(back, criteria=crits)
+    for a, b in zip(in_memory, read_back):
+        for c in crits:
+            assert a[f"mean_{c.column}"] == b[f"mean_{c.column}"] and a[f"rank_{c.name}"] == b[f"rank_{c.name}"]
+    agg = {a["model"]: a for a in read_back}
+    assert agg["m1"]["rank_fpr"] == agg["m2"]["rank_fpr"] == 2.5 and agg["m3"]["rank_fpr"] == 1.0

@@ -268,3 +268,47 @@ def test_cli_make_and_score(tmp_path):
         assert float(r["ks_pvalue"]) == pytest.approx(2 / 20, rel=1e-12)
     with open(tmp_path / "scores" / "vtt_answers.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
+
+
+def test_cli_score_marks_tied_ranks_and_undefined_t_tests(tmp_path, capsys):
+    # The example: 10 generated images per model, called real by five raters 5,7,8,8,0 times (m1) and
+    # 2,4,10,8,4 times (m2): both 28 of 50, mean FPR 0.56 (float summation: 0.5599999999999999 and 0.56, ranks 3
+    # and 2). Rater a calls every image of m3 real, rater c every image of m2: undefined t tests, not rejections.
+    import argparse
+
+    from fidmed.analysis.cli import add_analysis_parsers
+    from fidmed.analysis.scoring import Answer
+    from fidmed.analysis.tabular import write_csv_rows
+
+    fp = {"m1": (5, 7, 8, 8, 0), "m2": (2, 4, 10, 8, 4), "m3": (10, 9, 9, 9, 9), "m4": (1, 1, 1, 1, 1)}
+    rows = []
+    for model, counts in fp.items():
+        for rater, k in zip("abcde", counts):
+            for i in range(10):
+                rows.append(Answer("ct", rater, model, f"{model}-r{i}", REAL, REAL, 4.0).to_dict())
+                said = REAL if i < k else GENERATED
+                rows.append(Answer("ct", rater, model, f"{model}-g{i}", GENERATED, said,
+                                   3.0 if said == REAL else 2.0).to_dict())
+    answers = write_csv_rows(tmp_path / "answers.csv", rows)
+    parser = argparse.ArgumentParser(prog="fidmed")
+    add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["vtt", "score", str(answers), "--out", str(tmp_path / "scores"), "--criteria", "fpr",
+                              "diff"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    with open(tmp_path / "scores" / "vtt_models.csv") as f:
+        models = {r["model"]: r for r in csv.DictReader(f)}
+    assert [float(models[m]["rank_fpr"]) for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    assert models["m1"]["mean_fpr"] == models["m2"]["mean_fpr"] == "0.56"
+    assert [float(models[m]["rank_diff"]) for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]
+    assert (models["m3"]["t_not_rejected"], models["m3"]["t_undefined"]) == ("5", "1")
+    assert (models["m2"]["t_not_rejected"], models["m2"]["t_undefined"]) == ("2", "1")
+    # printed: the tied ranks carry '=' (m1 and m2, by FPR and by Diff); the undefined t test says what it counts as
+    per_model = printed.split("VTT per model")[1]
+    lines = {m: next(line for line in per_model.splitlines() if f" {m} " in line) for m in fp}
+    for m in ("m1", "m2"):
+        assert lines[m].count("2.5=") == 2, lines[m]
+    assert "=" not in lines["m3"] and "=" not in lines["m4"]
+    assert "5 (1 undefined)" in lines["m3"] and "2 (1 undefined)" in lines["m2"]
+    per_rater = printed.split("VTT per model")[0]
+    assert per_rater.count("undefined (not rejected)") == 2

@@ -3,13 +3,17 @@
 Per modality and metric (FD, relative FD):
 
 * rankings: each extractor's model ranking (lowest FD = rank 1) next to the human rankings (most convincing
-  model = rank 1); ties get average ranks (``scipy.stats.rankdata(method='average')``).
+  model = rank 1); ties get average ranks. Human scores are means over raters computed exactly (fractions; see
+  :mod:`fidmed.analysis.scoring`), so models with equal means share a rank whichever way the VTT was given.
 * correlations of the FD values with each human score over the models: Pearson, Spearman and Kendall (tau-b),
   statistics and p-values straight from ``scipy.stats.pearsonr / spearmanr / kendalltau`` (two-sided), and
-  percentile bootstrap confidence intervals. The bootstrap resamples raters with replacement and, when the
+  percentile bootstrap confidence intervals. Spearman and Kendall see the human scores' exact order (their ranks),
+  Pearson the means rounded once to floats. The bootstrap resamples raters with replacement and, when the
   answers are given image by image, also each model's real and generated images with replacement (the same images
-  for every rater, as they all saw the same images); the FDs stay fixed. Replicates whose correlation is undefined
-  (a constant resampled score) are counted in ``boot_undefined`` and left out of the interval.
+  for every rater, as they all saw the same images); the FDs stay fixed. Each replicate's means are exact too
+  (integer counts, or the raters' exact values, summed before dividing). Replicates whose correlation is undefined
+  (a constant resampled score, e.g. two models tied) are counted in ``boot_undefined`` and left out of the
+  interval.
   Signs are raw: FD against FPR or KS p (higher = more convincing) should correlate negatively when an extractor
   agrees with humans, FD against Diff or KS D positively; ``expected_sign`` says which.
 * agreement between extractors: pairwise Spearman and Kendall correlations of their FDs over the models, and
@@ -27,6 +31,7 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,8 +39,9 @@ import numpy as np
 from scipy import stats
 
 from fidmed.analysis.scoring import (GENERATED, REAL, Answer, Criterion, KSTest, aggregate_scores,
-                                     answers_from_rows, check_score_rows, criteria_from_names,
-                                     DEFAULT_CRITERIA, rank_best_first, score_answers, score_rows_from_table)
+                                     answers_from_rows, average_ranks, check_score_rows, criteria_from_names,
+                                     DEFAULT_CRITERIA, exact_average, exact_mean, exact_number, exact_rater_value,
+                                     on_grid, rank_best_first, score_answers, score_rows_from_table)
 from fidmed.analysis.tabular import format_list, read_csv_rows
 from fidmed.errors import DataError, FidmedError
 
@@ -89,9 +95,13 @@ def load_human(path: str | Path) -> HumanData:
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
 
-def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """Pearson, Spearman and Kendall tau-b with two-sided p-values, as SciPy computes them (NaN when undefined)."""
+def correlation(x: Sequence[float], y: Sequence[float], y_order: Sequence[float] | None = None) -> dict[str, float]:
+    """Pearson, Spearman and Kendall tau-b with two-sided p-values, as SciPy computes them (NaN when undefined).
+
+    ``y_order``: numbers in the same order as ``y`` with the same ties (e.g. ranks of its exact values); Spearman and
+    Kendall, which depend on the order alone, use it instead of ``y``."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    order = y if y_order is None else np.asarray(y_order, dtype=np.float64)
     out: dict[str, float] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: SciPy warns and returns NaN, which we keep
@@ -99,7 +109,7 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
             if len(x) < 2:
                 r, p = math.nan, math.nan
             else:
-                res = fn(x, y)
+                res = fn(x, y if name == "pearson" else order)
                 r, p = float(res.statistic), float(res.pvalue)
             out[name] = r
             out[f"{name}_p"] = p
@@ -116,22 +126,24 @@ def _pearson_rows(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def correlation_rows(x: Sequence[float], Y: np.ndarray) -> dict[str, np.ndarray]:
+def correlation_rows(x: Sequence[float], Y: np.ndarray, Y_order: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The three correlation statistics of ``x`` with every row of ``Y`` at once (for the bootstrap).
 
     Spearman = Pearson of average ranks; Kendall tau-b = sum sgn(dx) sgn(dy) / sqrt(sum sgn(dx)^2 sum sgn(dy)^2)
-    over pairs, which equals (n_c - n_d) / sqrt((n0 - n1)(n0 - n2)) as in SciPy."""
+    over pairs, which equals (n_c - n_d) / sqrt((n0 - n1)(n0 - n2)) as in SciPy. ``Y_order`` (same shape as ``Y``,
+    the same order and ties in each row, e.g. ranks of exact values) is what Spearman and Kendall use."""
     x = np.asarray(x, dtype=np.float64)
     Y = np.atleast_2d(np.asarray(Y, dtype=np.float64))
+    order = Y if Y_order is None else np.atleast_2d(np.asarray(Y_order, dtype=np.float64))
     iu = np.triu_indices(len(x), k=1)
     sx = np.sign(x[:, None] - x[None, :])[iu]
-    sy = np.sign(Y[:, :, None] - Y[:, None, :])[:, iu[0], iu[1]]
+    sy = np.sign(order[:, :, None] - order[:, None, :])[:, iu[0], iu[1]]
     den = np.sqrt((sx ** 2).sum() * (sy ** 2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         tau = (sy @ sx) / den
     tau[den == 0] = np.nan
     return {"pearson": _pearson_rows(x, Y),
-            "spearman": _pearson_rows(stats.rankdata(x), stats.rankdata(Y, axis=1)),
+            "spearman": _pearson_rows(stats.rankdata(x), stats.rankdata(order, axis=1)),
             "kendall": tau}
 
 
@@ -268,6 +280,7 @@ class _ModalityAnswers:
     gen_called: list[np.ndarray]
     real_rating: list[np.ndarray]
     gen_rating: list[np.ndarray]
+    integer_ratings: bool = True  # every rating a whole number (Likert): Diff sums stay in integers
 
 
 def _answer_arrays(answers: Sequence[Answer], modality: str, models: Sequence[str]) -> _ModalityAnswers:
@@ -281,49 +294,97 @@ def _answer_arrays(answers: Sequence[Answer], modality: str, models: Sequence[st
                                   (GENERATED, out.gen_called, out.gen_rating)):
             called.append(np.array([[index[(r, i)].answer == REAL for i in ids[t]] for r in raters]))
             rating.append(np.array([[index[(r, i)].rating for i in ids[t]] for r in raters], dtype=np.float64))
+    out.integer_ratings = all(bool(np.all(r == np.round(r))) and float(np.abs(r).sum()) < 2.0 ** 53
+                              for r in out.real_rating + out.gen_rating)
     return out
 
 
-def _criterion_from_arrays(column: str, rc: np.ndarray, gc: np.ndarray, rr: np.ndarray, gr: np.ndarray,
-                           ks: KSTest) -> float:
-    """One rater's criterion value from their (resampled) answers on one model."""
-    if column == "fpr":
-        return float(gc.mean())
+def _mean_from_arrays(column: str, rc: np.ndarray, gc: np.ndarray, rr: np.ndarray, gr: np.ndarray, ks: KSTest,
+                      integer_ratings: bool, exact_p: dict[float, Fraction]) -> Fraction:
+    """The exact mean over raters (rows: [raters, images]) of a criterion, each rater's value the one
+    ``exact_rater_value`` gives for their (resampled) answers on one model."""
+    if column == "fpr":  # every rater saw the same number of images: sum of counts / (raters x images)
+        return Fraction(int(gc.sum()), gc.size)
     if column == "accuracy":
-        return float((rc.sum() + (~gc).sum()) / (len(rc) + len(gc)))
+        return Fraction(int(rc.sum()) + int((~gc).sum()), rc.size + gc.size)
     if column == "diff":
-        return float(rr.mean() - gr.mean())
+        if integer_ratings:  # mean over raters of S_real / n_real - S_gen / n_gen
+            return Fraction(int(rr.sum()), rr.size) - Fraction(int(gr.sum()), gr.size)
+        q = rr.shape[1] * gr.shape[1]
+        return exact_average([on_grid(exact_number(float(exact_mean(a) - exact_mean(b))), q) for a, b in zip(rr, gr)])
     if column in ("ks_pvalue", "ks_statistic"):
-        d, p, _ = ks(rr, gr)
-        return p if column == "ks_pvalue" else d
+        results = [ks(a, b) for a, b in zip(rr, gr)]
+        if column == "ks_statistic":  # D = k / (n m) for integer k
+            nm = rr.shape[1] * gr.shape[1]
+            return Fraction(sum(round(d * nm) for d, _, _ in results), nm * len(results))
+        for _, p, _ in results:
+            if p not in exact_p:
+                exact_p[p] = exact_number(p)
+        return exact_average([exact_p[p] for _, p, _ in results])
     raise FidmedError(f"the bootstrap has no rule for the score {column!r}")
 
 
+@dataclass
+class BootstrapScores:
+    """One criterion's resampled per-model human scores: ``values`` [n_boot, n_models] the exact means rounded to
+    floats (NaN when undefined), ``ranks`` their ascending average ranks, from the exact means."""
+
+    values: np.ndarray
+    ranks: np.ndarray
+
+
+def _boot_scores(means: Sequence[Sequence[Fraction | None]]) -> BootstrapScores:
+    values = np.array([[float(m) if m is not None else math.nan for m in row] for row in means], dtype=np.float64)
+    ranks = np.array([average_ranks(row) for row in means], dtype=np.float64).reshape(values.shape)
+    return BootstrapScores(values, ranks)
+
+
+def _resampled_means(exact: Sequence[Sequence[Fraction | None]], picks: np.ndarray) -> list[list[Fraction | None]]:
+    """Exact means over resampled raters: ``exact`` [raters][models], ``picks`` [n_boot, raters] -> [n_boot][models].
+    Numerators over a common denominator are summed as Python integers."""
+    n_models = len(exact[0]) if exact else 0
+    out: list[list[Fraction | None]] = [[None] * n_models for _ in range(len(picks))]
+    for j in range(n_models):
+        column = [row[j] for row in exact]
+        undefined = np.array([v is None for v in column])
+        defined = [v for v in column if v is not None]
+        den = math.lcm(*(v.denominator for v in defined)) if defined else 1
+        nums = np.array([int(v * den) if v is not None else 0 for v in column], dtype=object)
+        sums = nums[picks].sum(axis=1)
+        bad = undefined[picks].any(axis=1)
+        for b in range(len(picks)):
+            out[b][j] = None if bad[b] else Fraction(int(sums[b]), den * picks.shape[1])
+    return out
+
+
 def bootstrap_human(human: HumanData, modality: str, models: Sequence[str], criteria: Sequence[Criterion],
-                    n_boot: int, rng: np.random.Generator, ks: KSTest) -> dict[str, np.ndarray]:
-    """criterion name -> [n_boot, n_models] resampled per-model human scores (means over resampled raters)."""
-    out = {c.name: np.empty((n_boot, len(models))) for c in criteria}
+                    n_boot: int, rng: np.random.Generator, ks: KSTest) -> dict[str, BootstrapScores]:
+    """criterion name -> resampled per-model human scores (means over resampled raters, computed exactly)."""
     if human.answers is not None:
         arr = _answer_arrays(human.answers, modality, models)
         n_r = len(arr.raters)
+        means: dict[str, list[list[Fraction | None]]] = {c.name: [] for c in criteria}
+        exact_p: dict[float, Fraction] = {}
         for b in range(n_boot):
             raters = rng.integers(0, n_r, n_r)
+            for c in criteria:
+                means[c.name].append([None] * len(models))
             for j in range(len(models)):
                 ri = rng.integers(0, arr.real_called[j].shape[1], arr.real_called[j].shape[1])
                 gi = rng.integers(0, arr.gen_called[j].shape[1], arr.gen_called[j].shape[1])
+                picked = [a[j][np.ix_(raters, idx)] for a, idx in ((arr.real_called, ri), (arr.gen_called, gi),
+                                                                  (arr.real_rating, ri), (arr.gen_rating, gi))]
                 for c in criteria:
-                    vals = [_criterion_from_arrays(c.column, arr.real_called[j][r, ri], arr.gen_called[j][r, gi],
-                                                   arr.real_rating[j][r, ri], arr.gen_rating[j][r, gi], ks)
-                            for r in raters]
-                    out[c.name][b, j] = float(np.mean(vals))
-        return out
+                    means[c.name][b][j] = _mean_from_arrays(c.column, *picked, ks, arr.integer_ratings, exact_p)
+        return {name: _boot_scores(m) for name, m in means.items()}
     rows = [s for s in human.scores if s["modality"] == modality]
     raters = sorted({s["rater"] for s in rows})
     table = {(s["rater"], s["model"]): s for s in rows}
+    out = {}
     for c in criteria:
-        values = np.array([[float(table[(r, m)][c.column]) for m in models] for r in raters])  # [raters, models]
+        exact = [[exact_rater_value(table[(r, m)], c.column) for m in models] for r in raters]  # [raters][models]
         picks = rng.integers(0, len(raters), (n_boot, len(raters)))
-        out[c.name] = values[picks].mean(axis=1)
+        out[c.name] = _boot_scores(_resampled_means(exact, picks))
     return out
 
 
@@ -391,8 +452,9 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
                 row.update({c.name: a[f"mean_{c.column}"] for c in crits})
                 row.update({f"rank_{c.name}": a[f"rank_{c.name}"] for c in crits})
                 row["n_raters"] = a["n_raters"]
-                if "ks_not_rejected" in a:
-                    row["ks_not_rejected"] = a["ks_not_rejected"]
+                for key in ("ks_not_rejected", "t_not_rejected", "t_undefined"):
+                    if key in a:
+                        row[key] = a[key]
             tables["human_scores"].append(row)
         for metric in cov.metrics:
             fd = {ex: np.array([lookup[(modality, metric, ex, m)] for m in models]) for ex in cov.extractors}
@@ -412,12 +474,14 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
             # FD vs human
             for c in (crits if human else []):
                 h = np.array([agg[(modality, m)][f"mean_{c.column}"] for m in models])
+                # the exact order of the means: their best-first ranks, turned back to ascending order
+                order = [(-1 if c.higher_is_better else 1) * agg[(modality, m)][f"rank_{c.name}"] for m in models]
                 for ex in cov.extractors:
                     row: dict[str, Any] = {"modality": modality, "metric": metric, "extractor": ex, "criterion": c.name,
                                            "n_models": len(models), "expected_sign": -1 if c.higher_is_better else 1}
-                    row.update(correlation(fd[ex], h))
+                    row.update(correlation(fd[ex], h, order))
                     if n_boot > 0 and len(models) >= 2:
-                        reps = correlation_rows(fd[ex], boot[c.name])
+                        reps = correlation_rows(fd[ex], boot[c.name].values, boot[c.name].ranks)
                         for method in METHODS:
                             r = reps[method]
                             ok = r[np.isfinite(r)]
@@ -442,5 +506,6 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
     settings = {"model_column": model_column, "metrics": cov.metrics, "criteria": [c.name for c in crits],
                 "n_boot": n_boot, "ci": ci, "seed": seed, "alpha": alpha,
                 "bootstrap": (human.bootstrap_unit if human else "none"), "groups": groups,
-                "tie_rule": "average ranks (scipy.stats.rankdata method='average'); rank 1 = best"}
+                "tie_rule": "average ranks, comparing exact values (human scores: means over raters computed as "
+                             "fractions); rank 1 = best"}
     return Analysis(tables=dict(tables), coverage=cov, criteria=crits, settings=settings, notes=notes)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,6 +66,7 @@ def cmd_vtt_make(args: argparse.Namespace) -> int:
 
 
 def cmd_vtt_score(args: argparse.Namespace) -> int:
+    from fidmed.analysis.report import mark_ties
     from fidmed.analysis.scoring import (RATER_SCORE_COLUMNS, aggregate_scores, answers_from_rows,
                                          criteria_from_names, score_answers)
     from fidmed.analysis.tabular import read_csv_rows, write_csv_rows
@@ -89,12 +91,19 @@ def cmd_vtt_score(args: argparse.Namespace) -> int:
     write_csv_rows(out / "vtt_answers.csv", [a.to_dict() for a in answers])
     write_csv_rows(out / "vtt_scores.csv", [s.to_dict() for s in scores], RATER_SCORE_COLUMNS)
     write_csv_rows(out / "vtt_models.csv", models)
-    _print_rows("VTT per rater and model", [s.to_dict() for s in scores],
+    # an undefined t test (one answer to every image) rejects nothing: shown, and counted, as not rejected
+    per_rater = [s.to_dict() | ({"t_pvalue": "undefined (not rejected)"} if math.isnan(s.t_pvalue) else {})
+                 for s in scores]
+    _print_rows("VTT per rater and model", per_rater,
                 ["modality", "rater", "model", "precision", "recall", "accuracy", "fpr", "fnr", "t_pvalue", "diff",
                  "ks_statistic", "ks_pvalue", "note"])
-    _print_rows("VTT per model (means over raters) and ranks (1 = most convincing; ties: average rank)", models,
+    per_model = mark_ties([m | ({"t_not_rejected": f"{m['t_not_rejected']} ({m['t_undefined']} undefined)"}
+                                if m.get("t_undefined") else {}) for m in models],
+                          [f"rank_{c.name}" for c in criteria])
+    _print_rows("VTT per model (means over raters, exact) and ranks (1 = most convincing; ties: average rank, "
+                "marked '=')", per_model,
                 ["modality", "model", "n_raters", "mean_fpr", "mean_diff", "mean_ks_pvalue", "ks_not_rejected",
-                 *(f"rank_{c.name}" for c in criteria)])
+                 "t_not_rejected", *(f"rank_{c.name}" for c in criteria)])
     print(f"wrote {out / 'vtt_answers.csv'}, {out / 'vtt_scores.csv'}, {out / 'vtt_models.csv'}")
     return 0
 

@@ -1,8 +1,12 @@
 """The human-alignment report: Markdown and self-contained HTML, figures (matplotlib), tables (CSV), and W&B.
 
-Figures: the ranking figure (per modality: models x extractors and human criteria, cell = rank, ``=`` marks a tie,
-average ranks), FD-vs-human scatter plots (one panel per extractor and criterion, Pearson r and p in the title),
-and the pairwise Spearman agreement between extractors. The HTML embeds its figures as ``data:`` URIs, so the file
+Ties: wherever a rank is displayed (the ranking figure and tables, the human scores table, the ``fidmed vtt score``
+printout) ``=`` after it marks a rank shared with another model of the modality, e.g. ``2.5=`` for two models tied
+for second (average ranks); the CSV tables keep plain numbers, where equal ranks are the ties.
+
+Figures: the ranking figure (per modality: models x extractors and human criteria, cell = rank, ``=`` marks a tie),
+FD-vs-human scatter plots (one panel per extractor and criterion, Pearson r and p in the title), and the pairwise
+Spearman agreement between extractors. The HTML embeds its figures as ``data:`` URIs, so the file
 can be mailed or archived alone. :func:`log_report_to_wandb` logs the same tables and figures to a W&B run.
 """
 
@@ -18,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fidmed.analysis.alignment import Analysis
+from fidmed.analysis.scoring import tied
 from fidmed.analysis.tabular import columns_of, write_csv_rows
 
 
@@ -83,13 +88,27 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def fmt_rank(rank: float, tied: bool) -> str:
+def fmt_rank(rank: float, is_tied: bool) -> str:
+    """A rank for people: ``2.5=`` when tied (shared with another model), ``1`` when not, ``n/a`` when undefined."""
     text = f"{rank:g}" if not math.isnan(rank) else "n/a"
-    return text + ("=" if tied else "")
+    return text + ("=" if is_tied else "")
 
 
-def _tied(ranks: Sequence[float]) -> list[bool]:
-    return [sum(1 for s in ranks if s == r) > 1 for r in ranks]
+def mark_ties(rows: Sequence[dict[str, Any]], rank_columns: Sequence[str],
+              within: Sequence[str] = ("modality",)) -> list[dict[str, Any]]:
+    """Display copies of ``rows``: each of ``rank_columns`` as text by :func:`fmt_rank`, tied where another row with
+    the same ``within`` values (the same modality) has the same rank."""
+    out = [dict(r) for r in rows]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in out:
+        groups.setdefault(tuple(r.get(c) for c in within), []).append(r)
+    for col in rank_columns:
+        for items in groups.values():
+            present = [r for r in items if col in r]
+            ranks = [float(r[col]) for r in present]
+            for r, rank, t in zip(present, ranks, tied(ranks)):
+                r[col] = fmt_rank(rank, t)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,9 +142,9 @@ def ranking_figure(analysis: Analysis, metric: str, path: Path) -> Path:
                 grid[models.index(r["model"]), cols.index(r["ranker"])] = r["rank"]
         ax.imshow(grid, cmap="viridis_r", vmin=1, vmax=max(len(models), 2), aspect="auto")
         for j in range(len(cols)):
-            tied = _tied(list(grid[:, j]))
+            ties = tied(list(grid[:, j]))
             for i in range(len(models)):
-                ax.text(j, i, fmt_rank(grid[i, j], tied[i]), ha="center", va="center", fontsize=8,
+                ax.text(j, i, fmt_rank(grid[i, j], ties[i]), ha="center", va="center", fontsize=8,
                         color="white" if grid[i, j] > (len(models) + 1) / 2 else "black")
         if human_cols:
             ax.axvline(len(ext_cols) - 0.5, color="red", linewidth=2)
@@ -220,9 +239,8 @@ def ranking_table(analysis: Analysis, modality: str, metric: str) -> Table:
         row: dict[str, Any] = {"model": model}
         for rk in rankers:
             ranks = [by[(rk, m)]["rank"] for m in models]
-            tied = _tied(ranks)[models.index(model)]
             r = by[(rk, model)]
-            row[rk] = f"{fmt_rank(r['rank'], tied)} ({fmt(r['value'])})"
+            row[rk] = f"{fmt_rank(r['rank'], tied(ranks)[models.index(model)])} ({fmt(r['value'])})"
         out.append(row)
     return Table(f"rankings_{modality}_{metric}", f"{modality}: ranks by {metric.upper()} (value) and by humans",
                  out, ["model", *rankers])
@@ -241,7 +259,7 @@ def build_report(analysis: Analysis, out_dir: str | Path, title: str = "fidmed: 
     s = analysis.settings
     intro = Section("Settings", [
         f"Metrics: {', '.join(s['metrics'])}. Models are named by the results column `{s['model_column']}`.",
-        f"Ties: {s['tie_rule']}. In the ranking figure and tables `=` marks a tied rank.",
+        f"Ties: {s['tie_rule']}. Wherever a rank is shown, `=` after it marks a tie (e.g. `2.5=`).",
     ])
     if has_human:
         intro.text.append("Human criteria (means over raters): " + "; ".join(
@@ -272,8 +290,14 @@ def build_report(analysis: Analysis, out_dir: str | Path, title: str = "fidmed: 
                                            "pearson", "pearson_p", "pearson_ci_low", "pearson_ci_high",
                                            "spearman", "spearman_p", "spearman_ci_low", "spearman_ci_high",
                                            "kendall", "kendall_p", "kendall_ci_low", "kendall_ci_high"]))
-        corr_section.tables.append(_table("human_scores", "Human scores per model (means over raters) and ranks",
-                                          analysis.tables["human_scores"], ["modality", "model", "n_raters"]))
+        human_rows = mark_ties(analysis.tables["human_scores"], [f"rank_{c.name}" for c in analysis.criteria])
+        corr_section.tables.append(_table("human_scores", "Human scores per model (means over raters) and ranks "
+                                                          "(= marks a tie)", human_rows,
+                                          ["modality", "model", "n_raters"]))
+        if any("t_not_rejected" in r for r in human_rows):
+            corr_section.text.append("`ks_not_rejected` / `t_not_rejected`: raters whose KS / t test does not reject "
+                                     f"at alpha = {s['alpha']}; an undefined t test (one answer to every image, "
+                                     "counted in `t_undefined`) counts as not rejected.")
         for modality in analysis.coverage.modalities:
             for metric in analysis.coverage.metrics:
                 path = scatter_figure(analysis, modality, metric, fig_dir / f"scatter_{modality}_{metric}.png")

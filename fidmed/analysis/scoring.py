@@ -20,10 +20,19 @@ participant 1, no augmentation: TP = 10, FP = 7 gives Pre 59, Rec 100, Acc 65, F
   the asymptotic p only when a sample exceeds 10,000 ratings, as SciPy's 'auto' does. Note that the exact
   p-value assumes continuous data; with tied Likert ratings it is conservative, as in the study.
 
-Per-model human scores are means over raters. Rankings put the most convincing model first (rank 1) and give tied
-values their average rank (``scipy.stats.rankdata(method='average')``), so two models tied for first both get 1.5.
-Which summary the study ranked by "KS" is not stated; fidmed's ``ks`` criterion is the mean KS p-value (higher =
-harder to tell apart; for fixed n and m the exact p is a decreasing function of D), ``ks_stat`` the mean D.
+Per-model human scores are means over raters, computed exactly (``fractions.Fraction``) and only then rounded to a
+float: a float sum makes 0.5599999999999999 of mean(0.5, 0.7, 0.8, 0.8, 0) and 0.56 of mean(0.2, 0.4, 1, 0.8, 0.4),
+and would rank two equal means apart. Each rater's value is taken exactly (``exact_rater_value``): rates, D and Diff
+are fractions with known denominators (n_generated, n_real, n_real * n_generated; Diff because Likert ratings are
+integers), rebuilt from the row's float or typed decimal; any other score is the decimal it was typed as, or the
+decimal fidmed writes for it. So answers, fidmed's own ``vtt_scores.csv`` read back, and tables typed as fractions
+(0.56) or as percentages (56) give equal means where the means are equal.
+
+Rankings put the most convincing model first (rank 1) and give tied values their average rank, comparing the exact
+means, so two models tied for first both get 1.5; wherever fidmed displays a rank, ``=`` after it marks a tie
+(``2.5=``). Which summary the study ranked by "KS" is not stated; fidmed's ``ks`` criterion is the mean KS p-value
+(higher = harder to tell apart; for fixed n and m the exact p is a decreasing function of D), ``ks_stat`` the mean D.
+An undefined t test (NaN: the rater gave one answer to everything) rejects nothing: it counts as not rejected.
 """
 
 from __future__ import annotations
@@ -32,12 +41,13 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-from fidmed.analysis.tabular import format_list, parse_float
+from fidmed.analysis.tabular import format_list, parse_exact, parse_float
 from fidmed.errors import DataError, FidmedError
 
 REAL = "real"
@@ -223,6 +233,17 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else math.nan
 
 
+def exact_mean(values: np.ndarray) -> Fraction:
+    """The mean of numbers (ratings) as an exact fraction: integers summed as integers, any other value taken as the
+    decimal of its shortest repr (the decimal it was typed as)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        raise FidmedError("the mean of no values")
+    if np.all(v == np.round(v)) and float(np.abs(v).sum()) < 2.0 ** 53:  # integers: the float sum is exact
+        return Fraction(int(v.sum()), len(v))
+    return sum((Fraction(repr(float(x))) for x in v), Fraction(0)) / len(v)
+
+
 def rater_scores(real_called_real: np.ndarray, gen_called_real: np.ndarray, real_ratings: np.ndarray,
                  gen_ratings: np.ndarray, ks: KSTest | None = None) -> dict[str, Any]:
     """The study's scores from one rater's answers on one model's real and generated images."""
@@ -241,12 +262,13 @@ def rater_scores(real_called_real: np.ndarray, gen_called_real: np.ndarray, real
     real_ratings = np.asarray(real_ratings, dtype=np.float64)
     gen_ratings = np.asarray(gen_ratings, dtype=np.float64)
     d, ks_p, ks_method = (ks or KSTest())(real_ratings, gen_ratings)
-    mean_real, mean_gen = float(real_ratings.mean()), float(gen_ratings.mean())
+    exact_real, exact_gen = exact_mean(real_ratings), exact_mean(gen_ratings)
+    mean_real, mean_gen = float(exact_real), float(exact_gen)
     return dict(n_real=len(real_called_real), n_generated=len(gen_called_real), tp=tp, fn=fn, fp=fp, tn=tn,
                 precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn),
                 accuracy=_ratio(tp + tn, tp + fn + fp + tn), fpr=_ratio(fp, fp + tn), fnr=_ratio(fn, tp + fn),
                 t_statistic=t, t_pvalue=p, t_df=df, mean_rating_real=mean_real, mean_rating_generated=mean_gen,
-                diff=mean_real - mean_gen, ks_statistic=d, ks_pvalue=ks_p, ks_method=ks_method,
+                diff=float(exact_real - exact_gen), ks_statistic=d, ks_pvalue=ks_p, ks_method=ks_method,
                 note="; ".join(notes))
 
 
@@ -342,21 +364,138 @@ def score_answers(answers: Sequence[Answer], ks: KSTest | None = None) -> list[R
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-model aggregates and rankings
+# Exact per-rater values, per-model aggregates and rankings
 
 AGGREGATED = ("precision", "recall", "accuracy", "fpr", "fnr", "diff", "ks_statistic", "ks_pvalue", "t_pvalue")
+COUNT_COLUMNS = ("n_real", "n_generated", "tp", "fn", "fp", "tn")
+EXACT_COLUMNS = AGGREGATED + COUNT_COLUMNS  # read from tables as exact fractions
+# A value "on a grid" of 1/q is rebuilt as that fraction when its float or decimal lies within this relative distance
+# of it: far above float rounding (~1e-16), far below the spacing of values off the grid (Diff from ratings with
+# decimals: 1/(q 10^d)).
+_GRID_TOLERANCE = Fraction(1, 10 ** 12)
 
 
-def rank_best_first(values: Sequence[float], higher_is_better: bool) -> np.ndarray:
-    """Rank 1 = best; ties get their average rank (scipy.stats.rankdata 'average'); NaN stays NaN."""
-    v = np.asarray(values, dtype=np.float64)
-    return stats.rankdata(-v if higher_is_better else v, method="average", nan_policy="omit")
+def exact_number(value: Any) -> Fraction | None:
+    """The exact number a score stands for; None when it is undefined (NaN or None).
+
+    A Fraction or integer is itself, text is read exactly (``parse_exact``: '0.56' is 14/25), and a float is the
+    decimal of its shortest repr: the decimal it was typed as, and the one fidmed writes to CSV, so that a score
+    computed here and the same score read back from fidmed's table are the same number."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "nan":
+        return None
+    if isinstance(value, np.integer):
+        value = int(value)
+    elif isinstance(value, np.floating):
+        value = float(value)
+    return parse_exact(value, "a score")
+
+
+def on_grid(value: Fraction, q: int) -> Fraction:
+    """``value`` as the fraction k/q nearest to it when it lies within rounding of it (a float or a decimal written
+    for k/q), else ``value`` unchanged."""
+    k = round(value * q)
+    candidate = Fraction(k, q)
+    return candidate if abs(value - candidate) <= _GRID_TOLERANCE * max(1, abs(value)) else value
+
+
+def _whole(row: Mapping[str, Any], name: str) -> int | None:
+    """A non-negative integer field (a count) of a row, or None when absent or not a whole number."""
+    if name not in row:
+        return None
+    try:
+        v = exact_number(row[name])
+    except DataError:
+        return None
+    return int(v) if v is not None and v.denominator == 1 and v >= 0 else None
+
+
+def _denominator(row: Mapping[str, Any], column: str) -> int | None:
+    """The q with value = k/q for integer k, when the row has the counts that say it."""
+    tp, fn, fp, tn = (_whole(row, c) for c in ("tp", "fn", "fp", "tn"))
+    n_real = _whole(row, "n_real")
+    n_gen = _whole(row, "n_generated")
+    if n_real is None and tp is not None and fn is not None:
+        n_real = tp + fn
+    if n_gen is None and fp is not None and tn is not None:
+        n_gen = fp + tn
+    q = {"fpr": n_gen, "fnr": n_real, "recall": n_real,
+         "accuracy": n_real + n_gen if n_real is not None and n_gen is not None else None,
+         "precision": tp + fp if tp is not None and fp is not None else None,
+         "diff": n_real * n_gen if n_real is not None and n_gen is not None else None,  # integer Likert ratings
+         "ks_statistic": n_real * n_gen if n_real is not None and n_gen is not None else None}.get(column)
+    return q if q else None
+
+
+def exact_rater_value(row: Mapping[str, Any], column: str) -> Fraction | None:
+    """One rater's score ``column`` (a :class:`RaterScore` dict or a parsed table row) as an exact fraction; None
+    when undefined.
+
+    Rates are k/q with q = n_generated (FPR), n_real (recall, FNR), n_real + n_generated (accuracy) or TP + FP
+    (precision); D and Diff are k/(n_real n_generated) (Diff for integer ratings); where the row has those counts
+    (fidmed's tables do) the value is rebuilt as that fraction (``on_grid``). Otherwise, and for p-values, the value
+    is the decimal it was typed or written as (``exact_number``)."""
+    value = exact_number(row[column])
+    if value is None:
+        return None
+    q = _denominator(row, column)
+    return on_grid(value, q) if q else value
+
+
+def exact_average(values: Sequence[Fraction | None]) -> Fraction | None:
+    """The exact mean; None when any value is undefined (or there are none)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values, Fraction(0)) / len(values)
+
+
+def _comparable(value: Any) -> Any:
+    """None for undefined values (None, NaN), else a number that compares exactly with the others."""
+    if value is None:
+        return None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def average_ranks(values: Sequence[Any]) -> np.ndarray:
+    """Ascending ranks from 1, tied values sharing their average rank, compared exactly: numbers of any kind (int,
+    float, Fraction; a Fraction equals a float only when their values are equal). None and NaN stay NaN."""
+    keyed = sorted((v, i) for i, v in ((i, _comparable(v)) for i, v in enumerate(values)) if v is not None)
+    ranks = np.full(len(values), np.nan)
+    start = 0
+    while start < len(keyed):
+        end = start + 1
+        while end < len(keyed) and keyed[end][0] == keyed[start][0]:
+            end += 1
+        for _, i in keyed[start:end]:
+            ranks[i] = (start + 1 + end) / 2  # the mean of the positions start + 1 .. end
+        start = end
+    return ranks
+
+
+def rank_best_first(values: Sequence[Any], higher_is_better: bool) -> np.ndarray:
+    """Rank 1 = best; ties get their average rank, found by exact comparison (pass exact means: Fractions);
+    undefined values (None, NaN) stay NaN."""
+    keys = [_comparable(v) for v in values]
+    return average_ranks([-v if higher_is_better and v is not None else v for v in keys])
+
+
+def tied(ranks: Sequence[float]) -> list[bool]:
+    """Whether each rank is shared with another (a tie); NaN ranks are not."""
+    return [sum(1 for s in ranks if s == r) > 1 for r in ranks]
 
 
 def score_rows_from_table(rows: Sequence[Mapping[str, Any]], source: str = "scores") -> list[dict[str, Any]]:
-    """Per-rater score rows read from a CSV (typed by hand, or written by ``fidmed vtt score``): numbers parsed.
+    """Per-rater score rows read from a CSV (typed by hand, or written by ``fidmed vtt score``): numbers parsed
+    exactly, as fractions of the decimals written ('0.56' is 14/25, '56' is 56; ``parse_exact``); 'nan' is NaN.
+    Rates may be fractions or percentages, consistently within a column (means and ranks do not depend on which).
 
-    Needs modality, rater, model and at least one criterion column (fpr, diff, ks_pvalue, ...)."""
+    Needs modality, rater, model and at least one criterion column (fpr, diff, ks_pvalue, ...). Columns other than
+    the scores and counts (t_statistic, t_df, mean ratings) are floats."""
     for col in ("modality", "rater", "model"):
         if rows and col not in rows[0]:
             raise DataError(f"{source} lacks the column {col}.")
@@ -374,7 +513,8 @@ def score_rows_from_table(rows: Sequence[Mapping[str, Any]], source: str = "scor
         rec: dict[str, Any] = {"modality": row["modality"], "rater": row["rater"], "model": row["model"]}
         for c in numeric:
             text = str(row[c]).strip().lower()
-            rec[c] = math.nan if text == "nan" else parse_float(row[c], f"{source} line {i} column {c}")
+            parse = parse_exact if c in EXACT_COLUMNS else parse_float  # t_statistic may be inf
+            rec[c] = math.nan if text == "nan" else parse(row[c], f"{source} line {i} column {c}")
         out.append(rec)
     return out
 
@@ -392,12 +532,22 @@ def check_score_rows(rows: Sequence[Mapping[str, Any]], source: str = "scores") 
             raise DataError(f"{source}, modality {m!r}: {'; '.join(gaps)}. Every rater must score every model.")
 
 
+def _sd(values: Sequence[Fraction | None], mean: Fraction | None) -> float:
+    """SD (ddof 1) from the exact values: equal sets of values give bitwise-equal SDs."""
+    if mean is None or len(values) < 2:
+        return math.nan
+    return math.sqrt(sum(((v - mean) ** 2 for v in values), Fraction(0)) / (len(values) - 1))
+
+
 def aggregate_scores(scores: Sequence[RaterScore | Mapping[str, Any]], alpha: float = 0.05,
                      criteria: Sequence[Criterion] | None = None) -> list[dict[str, Any]]:
     """Per (modality, model): number of raters, mean and SD (ddof 1) over raters of each score, how many raters'
     KS and t tests did not reject at ``alpha`` (the study's grey boxes), and per-modality ranks by each criterion.
 
-    A mean is NaN when any rater's value is undefined (e.g. precision when nothing was called real)."""
+    Means are exact (the mean of the raters' ``exact_rater_value`` as a fraction), rounded to a float once, and the
+    ranks compare the exact means: equal means get equal floats and share their average rank. A mean is NaN when any
+    rater's value is undefined (e.g. precision when nothing was called real). An undefined t test (p NaN: one
+    answer to every image) counts as not rejected; ``t_undefined`` says how many there were."""
     criteria = list(criteria or CRITERIA.values())
     rows = [s.to_dict() if isinstance(s, RaterScore) else dict(s) for s in scores]
     check_score_rows(rows)
@@ -405,28 +555,35 @@ def aggregate_scores(scores: Sequence[RaterScore | Mapping[str, Any]], alpha: fl
     for r in rows:
         groups[(r["modality"], r["model"])].append(r)
     out = []
+    exact: list[dict[str, Fraction | None]] = []
     for (modality, model), items in sorted(groups.items()):
         agg: dict[str, Any] = {"modality": modality, "model": model, "n_raters": len(items)}
+        means: dict[str, Fraction | None] = {}
         for col in AGGREGATED:
             if col not in items[0]:
                 continue
-            v = np.array([float(i[col]) for i in items])
-            agg[f"mean_{col}"] = float(v.mean())
-            agg[f"sd_{col}"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
-        for col, name in (("ks_pvalue", "ks"), ("t_pvalue", "t")):
-            if col in items[0]:
-                agg[f"{name}_not_rejected"] = int(sum(float(i[col]) > alpha for i in items))
+            values = [exact_rater_value(i, col) for i in items]
+            means[col] = exact_average(values)
+            agg[f"mean_{col}"] = float(means[col]) if means[col] is not None else math.nan
+            agg[f"sd_{col}"] = _sd(values, means[col])
+        if "ks_pvalue" in items[0]:
+            agg["ks_not_rejected"] = int(sum(float(i["ks_pvalue"]) > alpha for i in items))
+        if "t_pvalue" in items[0]:
+            p = [float(i["t_pvalue"]) for i in items]
+            agg["t_not_rejected"] = int(sum(math.isnan(v) or v > alpha for v in p))
+            agg["t_undefined"] = int(sum(math.isnan(v) for v in p))
         out.append(agg)
-    by_modality: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for agg in out:
-        by_modality[agg["modality"]].append(agg)
+        exact.append(means)
+    by_modality: dict[str, list[tuple[dict[str, Any], dict[str, Fraction | None]]]] = defaultdict(list)
+    for agg, means in zip(out, exact):
+        by_modality[agg["modality"]].append((agg, means))
     for items in by_modality.values():
         for c in criteria:
-            if f"mean_{c.column}" not in items[0]:
+            if c.column not in items[0][1]:
                 continue
-            ranks = rank_best_first([i[f"mean_{c.column}"] for i in items], c.higher_is_better)
-            for i, rank in zip(items, ranks):
-                i[f"rank_{c.name}"] = float(rank)
+            ranks = rank_best_first([means[c.column] for _, means in items], c.higher_is_better)
+            for (agg, _), rank in zip(items, ranks):
+                agg[f"rank_{c.name}"] = float(rank)
     return out
 
 

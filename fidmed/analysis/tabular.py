@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -134,6 +135,28 @@ def parse_float(value: Any, where: str) -> float:
         return float(text)
     except ValueError:
         raise DataError(f"{where} is {text!r}, not a number.") from None
+
+
+def parse_exact(value: Any, where: str) -> Fraction:
+    """The exact number in a table cell: the decimal (or ``a/b``) as written, not its nearest float, so that
+    ``0.56`` is 14/25 and ``56`` is 56. A float (a Parquet cell) stands for the decimal of its shortest repr, the
+    decimal it was typed or written as. Non-finite numbers are errors; callers that accept ``nan`` check it first."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Fraction(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(f"{where} is {value}, not a finite number.")
+        return Fraction(repr(value))
+    text = "" if value is None else str(value).strip()
+    if text == "":
+        raise DataError(f"{where} is empty; every row needs a number there.")
+    try:
+        return Fraction(text)  # every decimal spelling float() reads, and a/b; not nan or inf
+    except (ValueError, ZeroDivisionError):
+        finite = text.lower().lstrip("+-") not in ("nan", "inf", "infinity")
+        raise DataError(f"{where} is {text!r}, not a {'' if finite else 'finite '}number.") from None
 
 
 def format_list(items: Iterable[Any], limit: int = 12) -> str:
