@@ -4,10 +4,16 @@ sequential batch iterator used to compute real-image statistics.
 Training batches are uint8 ``[B, C, H, W]`` tensors (images only, no labels); the training step converts them to
 ``x = uint8 / 127.5 - 1``. The training loop counts images itself (kimg), so the training loader is infinite and
 Lightning runs with ``max_steps``.
+
+The sample order is a pure function of ``(seed, rank, world size)`` and a position; the training DataModule counts
+the images it hands to training steps and keeps that position in every checkpoint, so a resumed run (even one
+killed in the middle of an epoch, with batches already prefetched by the loader or its workers) continues with
+exactly the images the uninterrupted run would have shown next.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from fidmed.data.folder import ArrayImageDataset, ImageFolderDataset
 from fidmed.data.phantom import PhantomDataset
 from fidmed.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("phantom", "folder")
 
@@ -139,6 +147,11 @@ class ImageDataModule(lightning.LightningDataModule):
         seed: sampler seed; each rank gets a disjoint shard of every epoch's permutation.
         rank, world_size: override the values taken from the attached trainer (for tests and custom launchers).
         start: samples of this rank's stream to skip (resuming).
+
+    ``position`` counts the samples of this rank's stream handed to training steps (``start`` plus one batch per
+    step; batches the loader prefetched but no step used do not count). ``state_dict`` saves it with every
+    checkpoint and ``load_state_dict`` makes it the ``start`` of the resumed loader. Every rank takes the same
+    number of images per step, so rank 0's position (the one Lightning writes) is every rank's.
     """
 
     def __init__(self, dataset_or_cfg: ArrayImageDataset | Mapping[str, Any], batch_size: int, num_workers: int = 0,
@@ -153,6 +166,7 @@ class ImageDataModule(lightning.LightningDataModule):
             self.dataset = dataset_or_cfg  # type: ignore[assignment]
         self.batch_size, self.num_workers, self.xflip, self.seed = batch_size, num_workers, xflip, seed
         self._rank, self._world_size, self.start = rank, world_size, start
+        self.position = start
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
@@ -180,11 +194,42 @@ class ImageDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
+        self.position = self.start
         sampler = InfiniteSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
                                   start=self.start)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for the batch a training step is about to use (not for prefetched ones).
+        if self.trainer is not None and self.trainer.training:
+            self.position += int(batch.shape[0])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank's sample stream stands, and what defines the stream."""
+        return {"seed": int(self.seed), "xflip": bool(self.xflip), "world_size": int(self.world_size),
+                "batch_size": int(self.batch_size), "position": int(self.position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the sample stream at the saved position (``start``).
+
+        The same seed, x-flip and world size continue the identical stream. With another world size the ranks'
+        streams are other interleavings of the same epochs, so the resumed run starts at the same number of
+        images per rank into its own stream (the same point of training, not the same images) and says so.
+        """
+        position = int(state["position"])
+        if int(state["world_size"]) != int(self.world_size):
+            position = position * int(state["world_size"]) // int(self.world_size)
+            log.warning("the checkpoint's data order was drawn for %d DDP rank(s), this run has %d: the real "
+                        "images continue at the same point of training but in another order.",
+                        state["world_size"], self.world_size)
+        if int(state["seed"]) != int(self.seed) or bool(state["xflip"]) != bool(self.xflip):
+            log.warning("the checkpoint's data order used seed=%s xflip=%s, this run seed=%s xflip=%s: the real "
+                        "images are shown in another order than in the run it resumes.",
+                        state["seed"], state["xflip"], self.seed, self.xflip)
+        self.start = self.position = position
 
 
 def iter_batches(dataset: ArrayImageDataset, batch_size: int, rank: int = 0,

@@ -18,11 +18,19 @@ so this only matters for ``eps``). The minibatch-std groups stay ``mbstd_group``
 
 Training length is counted in images shown to D (``images_seen``, a buffer, so it is saved and restored with
 every checkpoint); the step that reaches ``kimg * 1000`` ends training.
+
+Every random number a step draws comes from the module's :class:`fidmed.gan.rng.RandomStream` (one per DDP rank),
+whose position is written into every checkpoint (``checkpoint["fidmed_random"]``, all ranks' positions gathered
+into rank 0's file) and restored on resume, so a resumed run draws what the uninterrupted run drew. Together with
+the weights, optimiser moments, EMA, ``pl_mean``, the augmentation's ``p`` and controller (all in the state dict)
+and the sampler's position (:class:`fidmed.data.datamodule.ImageDataModule`), the checkpoint holds everything a
+step depends on.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +41,11 @@ import torch
 from fidmed.augment import Augmentation
 from fidmed.gan.loss import StyleGAN2Loss
 from fidmed.gan.networks import build_networks
+from fidmed.gan.rng import RandomStream
+
+log = logging.getLogger(__name__)
+
+RANDOM_STATE_KEY = "fidmed_random"  # where checkpoints keep the training random streams
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class StyleGAN2Module(L.LightningModule):
         self.log_every_steps = max(1, int(log_every_steps))
         self.register_buffer("images_seen", torch.zeros([], dtype=torch.int64))
         self.register_buffer("iteration", torch.zeros([], dtype=torch.int64))
+        self.random_stream = RandomStream()  # this rank's training random numbers (saved with checkpoints)
 
     # ----------------------------------------------------------------------------------------------------
     @property
@@ -112,8 +126,16 @@ class StyleGAN2Module(L.LightningModule):
     def on_train_start(self) -> None:
         # The networks train in train mode; G_ema only ever runs inference.
         self.G_ema.eval()
+        if int(self.images_seen) >= self.total_images:
+            # Resumed from the checkpoint of the last step (the run was killed before it wrote final.pt): nothing
+            # is left to train, and one more step would make a generator the uninterrupted run never made.
+            self.trainer.should_stop = True
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        with self.random_stream.active(batch.device):
+            self._training_step(batch)
+
+    def _training_step(self, batch: torch.Tensor) -> None:
         opt_g, opt_d = self.optimizers()
         optimizers = {"G": opt_g, "D": opt_d}
         modules = {"G": self.G, "D": self.D}
@@ -182,6 +204,34 @@ class StyleGAN2Module(L.LightningModule):
             b_ema.copy_(b)
 
     # ----------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's random-stream position, gathered into the checkpoint (only rank 0 writes the file)."""
+        state = self.random_stream.state_dict()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * world
+            torch.distributed.all_gather_object(ranks, state)
+        else:
+            ranks = [state]
+        checkpoint[RANDOM_STATE_KEY] = {"world_size": len(ranks), "ranks": ranks}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Continue this rank's random stream where the checkpoint left it."""
+        record = checkpoint.get(RANDOM_STATE_KEY)
+        if not record or not record.get("ranks"):
+            log.warning("the checkpoint holds no random state (written by an older fidmed): training continues "
+                        "from it, but draws other latents, noise and augmentations than the run it resumes would "
+                        "have; the result is not bitwise that run.")
+            self.random_stream.load_state_dict(None)
+            return
+        ranks = record["ranks"]
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if len(ranks) != world:
+            log.warning("the checkpoint was written by %d DDP rank(s) and is resumed by %d: rank %d continues the "
+                        "random stream of rank %d; the result is not bitwise an uninterrupted run.",
+                        len(ranks), world, rank, rank % len(ranks))
+        self.random_stream.load_state_dict(ranks[rank % len(ranks)])
+
     def generator_snapshot(self) -> dict[str, Any]:
         """What evaluation needs of the trained model: G_ema's weights and how to build it.
 

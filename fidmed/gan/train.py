@@ -7,6 +7,14 @@ resume), ``checkpoints/network-snapshot-*.pt`` (G_ema, for evaluation), ``final.
 and ``fingerprint.json``. Jobs that differ only in evaluation settings (``-m extractor=a,b``) compute the same
 fingerprint and reuse one generator; a job that finds another one training the same generator waits on the
 folder's lock instead of training it twice. A crashed run resumes from ``last.ckpt``.
+
+Resuming is exact: ``last.ckpt`` holds, besides the weights, optimiser moments and counters, every rank's training
+random stream (:mod:`fidmed.gan.rng`) and the sampler's position (:class:`fidmed.data.datamodule.ImageDataModule`),
+so a run killed at any point and started again writes the same snapshots, ``final.pt`` and FD history as a run
+that was never interrupted (bitwise on the same machine and software with the same thread count; see the README).
+A snapshot is written before the ``last.ckpt`` that points past it, and the FD history is cut back to the resumed
+checkpoint (the evaluations after it are repeated, with the same results), so no file of a killed run is missing or
+doubled after the resume.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from fidmed.atomic import atomic_write
 from fidmed.data.folder import PREPARE_MANIFEST
 from fidmed.errors import FidmedError
 from fidmed.gan.checkpoint import atomic_torch_save, snapshot_name
+from fidmed.gan.rng import fork_random_state
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +137,12 @@ class SnapshotCallback(L.Callback):
         tmp = self.folder / ".last.ckpt.tmp"
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
-            os.replace(tmp, ckpt)
+            # The snapshot first: a run killed between the two writes resumes from the previous last.ckpt and
+            # writes this snapshot again (identically); the other order would lose it.
             snap = pl_module.generator_snapshot()
             snap["fingerprint"] = self.fingerprint
             atomic_torch_save(snap, self.folder / snapshot_name(pl_module.kimg))
+            os.replace(tmp, ckpt)
         trainer.strategy.barrier()
         return ckpt
 
@@ -214,8 +226,31 @@ class PeriodicEvaluation(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         seen = int(pl_module.images_seen)
         self._next = (seen // self.every + 1) * self.every
-        if seen == 0:
-            self._run(trainer, pl_module)  # the untrained generator: the starting point of the curve
+        # Rank 0 reads and cuts the history; every rank must take the same decision (evaluation is collective).
+        due = self._resume_history(seen, pl_module.total_images) if trainer.is_global_zero else None
+        if trainer.strategy.broadcast(due, src=0):
+            self._run(trainer, pl_module)
+
+    def _resume_history(self, seen: int, total: int) -> bool:
+        """Cut the history back to ``seen`` images and say whether the evaluation at ``seen`` is due and missing.
+
+        At 0 images it is the untrained generator, the starting point of the curve. After a resume it is the
+        evaluation of the checkpoint's own step if the run was killed between writing the checkpoint and
+        evaluating: every evaluation of an earlier step was written before that checkpoint. Entries past ``seen``
+        (evaluated after the checkpoint by the killed run) are dropped; the resumed run evaluates those steps
+        again, with the same results.
+        """
+        lines = self.history_path.read_text().splitlines() if self.history_path.is_file() else []
+        history = [json.loads(line) for line in lines if line.strip()]
+        kept = [h for h in history if _images(h["kimg"]) <= seen]
+        if len(kept) < len(history):
+            with atomic_write(self.history_path, "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in kept)
+        if any(_images(h["kimg"]) == seen for h in kept):
+            return False
+        last = max((_images(h["kimg"]) for h in kept), default=-1)
+        # The uninterrupted run evaluated at the step that first reached a multiple of `every`, and at the last.
+        return seen // self.every > last // self.every or seen >= total
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seen = int(pl_module.images_seen)
@@ -225,20 +260,26 @@ class PeriodicEvaluation(L.Callback):
 
     def _run(self, trainer, pl_module) -> None:
         # Every rank evaluates (the evaluator shards the seeds across an initialised process group and gathers
-        # exactly); rank 0 logs and writes.
+        # exactly); rank 0 logs and writes. Inside a fork of the random state: whatever evaluation draws (e.g.
+        # eval.noise_mode=random), training draws the same numbers.
         kimg = pl_module.kimg
-        values = self.evaluate(pl_module.G_ema, kimg)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({**values, "Progress/kimg": kimg}, step=trainer.global_step)
-            line = {"kimg": kimg, **values}
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            tqdm.write("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in line.items()))
-            if self.log_images is not None:
-                self.log_images(pl_module.G_ema, kimg)
+        with fork_random_state(pl_module.device):
+            values = self.evaluate(pl_module.G_ema, kimg)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({**values, "Progress/kimg": kimg}, step=trainer.global_step)
+                line = {"kimg": kimg, **values}
+                with open(self.history_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                tqdm.write("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in line.items()))
+                if self.log_images is not None:
+                    self.log_images(pl_module.G_ema, kimg)
         trainer.strategy.barrier()
+
+
+def _images(kimg: float) -> int:
+    return int(round(float(kimg) * 1000))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -282,9 +323,10 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
             {"fingerprint": fingerprint, **fingerprint_record(cfg)}, indent=2, default=str))
         ckpt_dir = train_dir / "checkpoints"
         last = ckpt_dir / "last.ckpt"
-        resume = None
+        resume, resume_ckpt = None, None
         if last.is_file():
-            resume = _check_resumable(last, fingerprint)
+            resume_ckpt = _check_resumable(last, fingerprint)
+            resume = str(last)
             tqdm.write(f"resuming training from {last}")
 
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -314,6 +356,11 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
         datamodule = ImageDataModule(dataset, batch_size=int(cfg.model.batch_size) // world,
                                      num_workers=int(cfg.trainer.num_workers), xflip=bool(cfg.modality.xflip),
                                      seed=int(cfg.seed))
+        if resume_ckpt is not None and type(datamodule).__qualname__ not in resume_ckpt:
+            # A checkpoint of an older fidmed has no sampler position (Lightning restores it from newer ones):
+            # every rank has taken one batch per step.
+            datamodule.start = int(resume_ckpt["state_dict"]["iteration"]) * datamodule.batch_size
+        del resume_ckpt
         started = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         if world > 1:
@@ -357,7 +404,8 @@ class _NoLock:
         pass
 
 
-def _check_resumable(last: Path, fingerprint: str) -> str:
+def _check_resumable(last: Path, fingerprint: str) -> dict[str, Any]:
+    """The checkpoint ``last`` (loaded on the CPU) if it belongs to ``fingerprint``, else a FidmedError."""
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -367,4 +415,4 @@ def _check_resumable(last: Path, fingerprint: str) -> str:
         raise FidmedError(f"checkpoint {last} belongs to another training configuration (fingerprint "
                           f"{str(stored)[:12]} != {fingerprint[:12]}); delete it or restore the settings it was "
                           f"trained with.")
-    return str(last)
+    return ckpt
