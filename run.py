@@ -4,7 +4,7 @@
     python run.py                                  # embedded default: phantom modality, small GAN, FD
     python run.py experiment=demo                  # what `make demo` runs (labelled random-init fallback)
     python run.py --cfg job                        # print the composed config
-    python run.py -m seed=0,1 trainer.kimg=1,2     # multirun over the cartesian product
+    python run.py -m seed=0,1 schedule.kimg=1,2     # multirun over the cartesian product
     python run.py stage=evaluate generator=PATH    # evaluate an existing generator
 """
 

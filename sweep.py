@@ -4,7 +4,7 @@
     python sweep.py conf/sweep/augmentation.yaml --count 20              # register with W&B, run an agent
     python sweep.py conf/sweep/augmentation.yaml --sweep-id ID --count 5  # one more agent on an existing sweep
     python sweep.py conf/sweep/study_grid.yaml --local                   # no W&B server: run the grid here
-    python sweep.py conf/sweep/augmentation.yaml --local --count 8 -- trainer.kimg=100   # extra fixed overrides
+    python sweep.py conf/sweep/augmentation.yaml --local --count 8 -- schedule.kimg=100   # extra fixed overrides
 
 Every parameter value is checked against the Hydra config (composed once per value) before any job starts.
 Online, each agent trial composes run.py's config with the trial's overrides and runs fidmed.job.run_job in

@@ -78,8 +78,11 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}.")
     if cfg.stage == "evaluate" and not cfg.get("generator"):
         raise ConfigError("stage=evaluate needs generator=PATH (a network-snapshot-*.pt, final.pt or last.ckpt).")
-    if float(cfg.trainer.kimg) <= 0 and cfg.stage != "evaluate":
-        raise ConfigError(f"trainer.kimg={cfg.trainer.kimg}; training length must be > 0 kimg.")
+    if cfg.schedule.kimg is None and cfg.stage != "evaluate":
+        raise ConfigError(f"schedule.kimg is not set: modality {cfg.modality.name} has no study training length "
+                          f"(modality.study_kimg); set schedule.kimg=N or choose schedule=default.")
+    if float(cfg.schedule.kimg) <= 0 and cfg.stage != "evaluate":
+        raise ConfigError(f"schedule.kimg={cfg.schedule.kimg}; training length must be > 0 kimg.")
     for key in ("num_gen", "batch_size"):
         if int(cfg.eval[key]) < 1:
             raise ConfigError(f"eval.{key}={cfg.eval[key]} must be >= 1.")
@@ -96,7 +99,7 @@ def quiet_libraries() -> None:
     # G_ema is in eval mode on purpose (it only runs inference).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # The loader is endless by design: training length is counted in images (trainer.kimg).
+    # The loader is endless by design: training length is counted in images (schedule.kimg).
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
@@ -172,7 +175,7 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
             if rank == 0:
                 link_training_folder(run_dir, train_dir)
             header["training"] = {"fingerprint": fingerprint, "train_dir": str(train_dir),
-                                  "kimg": float(cfg.trainer.kimg), "fd_history": read_fd_history(train_dir)}
+                                  "kimg": float(cfg.schedule.kimg), "fd_history": read_fd_history(train_dir)}
             generator_path = final
         else:
             generator_path = Path(str(cfg.generator))

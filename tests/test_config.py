@@ -50,12 +50,12 @@ def test_study_model_settings(compose_cfg):
 
 
 def test_overrides_reach_every_group(compose_cfg):
-    cfg = compose_cfg(["model.r1_gamma=3.5", "trainer.kimg=2", "eval.num_gen=7", "logger=csv",
+    cfg = compose_cfg(["model.r1_gamma=3.5", "schedule.kimg=2", "eval.num_gen=7", "logger=csv",
                        "modality.resolution=64", "experiment=smoke", "seed=5"])
     assert cfg.model.r1_gamma == 3.5
     assert cfg.eval.num_gen == 7  # command-line values win over the experiment recipe's
     assert cfg.modality.resolution == 64
-    assert cfg.trainer.kimg == 2
+    assert cfg.schedule.kimg == 2
     assert cfg.logger.name == "csv"  # and so do command-line group choices
     assert cfg.seed == 5
 
@@ -67,11 +67,11 @@ def test_multi_extractor_selection(compose_cfg):
 
 
 def test_run_py_prints_config_and_rejects_unknown_keys(tmp_path):
-    out = subprocess.run([sys.executable, "run.py", "--cfg", "job", "trainer.kimg=3"], cwd=REPO,
+    out = subprocess.run([sys.executable, "run.py", "--cfg", "job", "schedule.kimg=3"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)
-    assert printed.trainer.kimg == 3 and printed.modality.name == "phantom"
+    assert printed.schedule.kimg == 3 and printed.modality.name == "phantom"
     bad = subprocess.run([sys.executable, "run.py", "trainer.kmig=3"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0

@@ -693,7 +693,7 @@ def test_modality_configs(compose_cfg, tmp_path, name, resolution, snapshot):
 
     cfg = compose_cfg([f"modality={name}"])
     m = cfg.modality
-    assert (m.name, m.kind, m.resolution, m.channels, m.snapshot_kimg, m.xflip) == (name, "folder", resolution, 1,
+    assert (m.name, m.kind, m.resolution, m.channels, m.study_kimg, m.xflip) == (name, "folder", resolution, 1,
                                                                                      snapshot, False)
     assert Path(m.path) == tmp_path / "data" / name
     overrides = {"ada": {"pipeline": "bgcfn"}, "diffaugment": {"policy": "color,translation"}} if name == "mri" else {}

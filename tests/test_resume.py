@@ -188,8 +188,8 @@ def kill_and_resume(tmp_path: Path, kills: list[tuple[str, int | None]], *overri
 
 
 # 8 steps of 8 images; last.ckpt and a snapshot every 16 images, FD every 32 (and at 0 and at the end).
-TINY_RUN = ["experiment=smoke", "logger=none", "trainer.kimg=0.064", "trainer.snapshot_kimg=0.016",
-            "trainer.eval_kimg=0.032", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]"]
+TINY_RUN = ["experiment=smoke", "logger=none", "schedule.kimg=0.064", "schedule.checkpoint_kimg=0.016",
+            "schedule.eval_kimg=0.032", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]"]
 
 
 def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path):
@@ -207,7 +207,7 @@ def test_killed_and_resumed_training_is_bitwise_with_loader_workers(tmp_path, au
     # and one after the last checkpoint but before final.pt.
     kill_and_resume(tmp_path, [("step:0", None), ("checkpoint:16", 16), ("step:24", 16), ("checkpoint:48", 48),
                                ("step:56", 48), ("checkpoint:64", 64)],
-                    *TINY_RUN, f"augmentation={augmentation}", "trainer.num_workers=2")
+                    *TINY_RUN, f"augmentation={augmentation}", "modality.num_workers=2")
 
 
 @pytest.mark.slow
@@ -216,8 +216,8 @@ def test_killed_and_resumed_ddp_training_is_bitwise(tmp_path):
     # is gathered into rank 0's checkpoint and handed back to its rank, and the evaluation decision is broadcast.
     kill_and_resume(tmp_path, [("step:16", 16), ("checkpoint:32", 32)],
                     "experiment=smoke", "logger=none", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                    "trainer.num_workers=0", "trainer.kimg=0.032", "trainer.snapshot_kimg=0.016",
-                    "trainer.eval_kimg=0.016", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]",
+                    "modality.num_workers=0", "schedule.kimg=0.032", "schedule.checkpoint_kimg=0.016",
+                    "schedule.eval_kimg=0.016", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]",
                     "augmentation=ada")
 
 

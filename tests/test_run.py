@@ -77,7 +77,7 @@ def test_missing_generator_file_is_a_clear_error(tmp_path):
 def test_multirun_cartesian_product(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FIDMED_OFFLINE": "1", "WANDB_MODE": "offline"}
     args = [sys.executable, str(REPO / "run.py"), "-m", "experiment=smoke", "logger=wandb", "seed=0,1",
-            "trainer.kimg=0.016,0.032", f"hydra.sweep.dir={tmp_path / 'multi'}", f"paths.root={tmp_path}"]
+            "schedule.kimg=0.016,0.032", f"hydra.sweep.dir={tmp_path / 'multi'}", f"paths.root={tmp_path}"]
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     results = sorted((tmp_path / "multi").glob("*/results.json"))
@@ -103,7 +103,7 @@ def test_crashed_training_resumes_and_continues_the_kimg_counter(compose_cfg, mo
     from fidmed.gan.train import train_dir_for, train_or_reuse
     from fidmed.tracking import Tracker
 
-    cfg = compose_cfg(SMOKE + ["trainer.kimg=0.064", "trainer.snapshot_kimg=0.016"])
+    cfg = compose_cfg(SMOKE + ["schedule.kimg=0.064", "schedule.checkpoint_kimg=0.016"])
     dataset = build_dataset(cfg.modality)
     original = module_mod.StyleGAN2Module.training_step
     calls = []

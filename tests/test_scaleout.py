@@ -85,7 +85,7 @@ def test_datamodule_takes_rank_and_world_from_the_trainer():
 def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path):
     # 2 steps x global batch 8 (smoke's model.batch_size) = 16 images; each of the 2 ranks takes 4 per step.
     out = run_py(tmp_path, *SMOKE, "logger=none", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                 "trainer.num_workers=0", "trainer.kimg=0.016", "trainer.snapshot_kimg=0.016", "eval.num_gen=16",
+                 "modality.num_workers=0", "schedule.kimg=0.016", "schedule.checkpoint_kimg=0.016", "eval.num_gen=16",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -114,7 +114,7 @@ def test_paper_experiment_composes_16_generators_times_11_extractors(compose_cfg
         assert set(cfg.extractor) == STUDY_EXTRACTORS and len(cfg.extractor) == 11
         assert {cfg.extractor[k].name for k in cfg.extractor} == STUDY_EXTRACTORS
         # REFERENCE.md section 3: 25,000 kimg, 5,000 for mri; stylegan2 (--cfg stylegan2); W&B grouped by modality
-        assert cfg.trainer.kimg == (5000 if cfg.modality.name == "mri" else 25000)
+        assert cfg.schedule.kimg == (5000 if cfg.modality.name == "mri" else 25000)
         assert cfg.model.name == compose_cfg(["model=stylegan2"]).model.name and cfg.model.batch_size == 32
         assert cfg.logger.name == "wandb" and cfg.logger.group == cfg.modality.name
         assert list(cfg.eval.metrics)[:2] == ["fd", "rfd"] and cfg.eval.num_gen == 50000

@@ -86,8 +86,8 @@ def test_fingerprint_ignores_evaluation_settings_only(compose_cfg):
 
     base = training_fingerprint(compose_cfg())
     assert training_fingerprint(compose_cfg(["eval.num_gen=9", "extractor=inception_tf", "logger=csv",
-                                             "trainer.snapshot_kimg=3", "trainer.eval_kimg=0"])) == base
-    for change in (["seed=1"], ["trainer.kimg=2"], ["model.r1_gamma=1"], ["modality.resolution=64"]):
+                                             "schedule.checkpoint_kimg=3", "schedule.eval_kimg=0"])) == base
+    for change in (["seed=1"], ["schedule.kimg=2"], ["model.r1_gamma=1"], ["modality.resolution=64"]):
         assert training_fingerprint(compose_cfg(change)) != base, change
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -44,8 +45,11 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = 2  # 2: a prepared folder is identified by its manifest.json, not by where it lies
 # Settings that do not change the trained weights and so stay out of the fingerprint.
-_NON_WEIGHT_TRAINER_KEYS = {"snapshot_kimg", "eval_kimg", "log_every_steps", "num_workers", "benchmark"}
-_NON_WEIGHT_MODALITY_KEYS = {"snapshot_kimg", "path_hint", "cache", "cache_dir"}
+#: Lightning arguments that change the trained weights (the others, and the checkpoint/evaluation intervals, do
+#: not). strategy and num_nodes enter only when they differ from Lightning's defaults, as before they were settings.
+_WEIGHT_TRAINER_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes")
+_TRAINER_DEFAULTS = {"strategy": "auto", "num_nodes": 1}
+_NON_WEIGHT_MODALITY_KEYS = {"study_kimg", "path_hint", "cache", "cache_dir", "num_workers"}
 
 
 def data_identity(modality: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +78,10 @@ def fingerprint_record(cfg: Any) -> dict[str, Any]:
     modality = {k: v for k, v in plain(cfg.modality).items() if k not in _NON_WEIGHT_MODALITY_KEYS}
     modality.pop("path", None)
     modality.update(data_identity(plain(cfg.modality)))
-    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in _NON_WEIGHT_TRAINER_KEYS}
+    lightning = plain(cfg.trainer)
+    trainer = {k: lightning[k] for k in _WEIGHT_TRAINER_KEYS
+               if k in lightning and lightning[k] != _TRAINER_DEFAULTS.get(k, object())}
+    trainer["kimg"] = plain(cfg.schedule)["kimg"]  # the training length (recorded under its historic place)
     return {"version": FINGERPRINT_VERSION, "modality": modality, "augmentation": plain(effective_augmentation(cfg)),
             "model": plain(cfg.model), "trainer": trainer, "seed": int(cfg.seed)}
 
@@ -332,21 +339,20 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         augment = build_augmentation(effective_augmentation(cfg))
         module = StyleGAN2Module(cfg.model, dataset.resolution, dataset.num_channels, augment,
-                                 kimg=float(cfg.trainer.kimg), log_every_steps=int(cfg.trainer.log_every_steps))
+                                 kimg=float(cfg.schedule.kimg), log_every_steps=int(cfg.trainer.log_every_n_steps))
         callbacks: list[L.Callback] = [
-            SnapshotCallback(ckpt_dir, float(cfg.trainer.snapshot_kimg), fingerprint),
+            SnapshotCallback(ckpt_dir, float(cfg.schedule.checkpoint_kimg), fingerprint),
             KimgProgressBar(module.total_images),
             GradientAllReduce(),
         ]
-        if evaluate_fn is not None and float(cfg.trainer.eval_kimg or 0) > 0:
-            callbacks.append(PeriodicEvaluation(float(cfg.trainer.eval_kimg), evaluate_fn,
+        if evaluate_fn is not None and float(cfg.schedule.eval_kimg or 0) > 0:
+            callbacks.append(PeriodicEvaluation(float(cfg.schedule.eval_kimg), evaluate_fn,
                                                 train_dir / "fd_history.jsonl", images_fn))
-        trainer = L.Trainer(
-            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
-            strategy=cfg.trainer.get("strategy", "auto"), num_nodes=int(cfg.trainer.get("num_nodes", 1)),
-            max_epochs=-1, max_steps=-1, logger=tracker.lightning_logger, callbacks=callbacks,
+        # Lightning's own arguments come from the trainer group (hardware); fidmed fixes the ones its training
+        # loop depends on (length counted in images, its own checkpoints, progress bar and sampler).
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, max_epochs=-1, max_steps=-1, logger=tracker.lightning_logger, callbacks=callbacks,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            log_every_n_steps=int(cfg.trainer.log_every_steps), benchmark=bool(cfg.trainer.benchmark),
             default_root_dir=str(train_dir), num_sanity_val_steps=0, use_distributed_sampler=False)
         # model.batch_size is the global minibatch (the study's 32); each DDP rank takes its share.
         world = int(trainer.world_size)
@@ -354,7 +360,7 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
             raise FidmedError(f"model.batch_size={cfg.model.batch_size} does not split evenly over {world} DDP ranks "
                               f"(trainer.devices x trainer.num_nodes); choose a batch size divisible by {world}.")
         datamodule = ImageDataModule(dataset, batch_size=int(cfg.model.batch_size) // world,
-                                     num_workers=int(cfg.trainer.num_workers), xflip=bool(cfg.modality.xflip),
+                                     num_workers=int(cfg.modality.num_workers), xflip=bool(cfg.modality.xflip),
                                      seed=int(cfg.seed))
         if resume_ckpt is not None and type(datamodule).__qualname__ not in resume_ckpt:
             # A checkpoint of an older fidmed has no sampler position (Lightning restores it from newer ones):
@@ -368,7 +374,7 @@ def train_or_reuse(cfg: Any, dataset, tracker, evaluate_fn=None, images_fn=None,
         if trainer.is_global_zero:
             if int(module.images_seen) < module.total_images:
                 raise FidmedError(f"training stopped at {module.kimg:.3f} kimg before reaching "
-                                  f"{cfg.trainer.kimg} kimg; run the same command again to resume from {last}.")
+                                  f"{cfg.schedule.kimg} kimg; run the same command again to resume from {last}.")
             snap = module.generator_snapshot()
             snap["fingerprint"] = fingerprint
             snap["train_seconds"] = time.time() - started
