@@ -42,8 +42,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STUDY_ELEVEN = ["inception_tf", "resnet", "swav", "dino", "swin", "irv2", "densenet", "radimagenet_inception",
-                "radimagenet_resnet", "radimagenet_irv2", "radimagenet_densenet"]
+STUDY_ELEVEN = [
+    "inception_tf",
+    "resnet",
+    "swav",
+    "dino",
+    "swin",
+    "irv2",
+    "densenet",
+    "radimagenet_inception",
+    "radimagenet_resnet",
+    "radimagenet_irv2",
+    "radimagenet_densenet",
+]
 
 
 def phantom_folder(path: Path, n: int, seed: int, size: int = 256, blur: float = 0.0) -> Path:
@@ -89,8 +100,9 @@ def _source(folder, num):
 def _run(extractors, real, gen, device, precision="fp32", batch_size=16, workers="auto"):
     from fidmed.evaluation.evaluator import Evaluator
 
-    ev = Evaluator(extractors, real, device=device, precision=precision, batch_size=batch_size, metrics=["fd"],
-                   num_workers=workers)
+    ev = Evaluator(
+        extractors, real, device=device, precision=precision, batch_size=batch_size, metrics=["fd"], num_workers=workers
+    )
     t = time.perf_counter()
     recs = ev.evaluate(gen)
     return {r.extractor: r.value for r in recs}, time.perf_counter() - t
@@ -136,26 +148,34 @@ def section_b_d(exs, real, gen, device, batch_size, do_b, do_d, repeats=1):
     print(f"\n## (b)/(d) single pass, one by one, and the forward-pass bound (fp32, batch {batch_size})")
     t_in_all, t_in_spec, t_fwd = time_parts(exs, gen, device, batch_size)
     fwd = sum(t_fwd.values())
-    print(f"generated set ({len(gen)} images): input pipeline for all {len(t_in_spec)} distinct preprocessings "
-          f"{t_in_all:.2f} s (main thread); forward passes {fwd:.2f} s in all")
+    print(
+        f"generated set ({len(gen)} images): input pipeline for all {len(t_in_spec)} distinct preprocessings "
+        f"{t_in_all:.2f} s (main thread); forward passes {fwd:.2f} s in all"
+    )
     for spec, t in t_in_spec.items():
         users = [ex.name for ex in exs if ex.preprocessing == spec]
         print(f"    input {spec.key:>20}: {t:6.2f} s  (used by {', '.join(users)})")
     for ex in exs:
         print(f"    forward {ex.name:>22}: {t_fwd[ex.name]:6.2f} s")
     one_by_one_parts = sum(t_in_spec[ex.preprocessing] + t_fwd[ex.name] for ex in exs)
-    print(f"speed-up the shared work allows at most (one-by-one parts / single-pass parts): "
-          f"{one_by_one_parts / (t_in_all + fwd):.2f}x")
+    print(
+        f"speed-up the shared work allows at most (one-by-one parts / single-pass parts): "
+        f"{one_by_one_parts / (t_in_all + fwd):.2f}x"
+    )
     if do_b:
         singles, seps = [], []
         for rep in range(repeats):  # interleaved, so that load changes on a shared machine hit both alike
             singles.append(_run(exs, real, gen, device, batch_size=batch_size)[1])
             seps.append(sum(_run([ex], real, gen, device, batch_size=batch_size)[1] for ex in exs))
-            print(f"(b) repeat {rep + 1}: single pass {singles[-1]:.1f} s, one by one {seps[-1]:.1f} s "
-                  f"(real statistics + generated set)")
+            print(
+                f"(b) repeat {rep + 1}: single pass {singles[-1]:.1f} s, one by one {seps[-1]:.1f} s "
+                f"(real statistics + generated set)"
+            )
         t_single, t_sep = float(np.median(singles)), float(np.median(seps))
-        print(f"(b) median of {repeats}: single pass {t_single:.1f} s, one by one {t_sep:.1f} s: "
-              f"speed-up {t_sep / t_single:.2f}x")
+        print(
+            f"(b) median of {repeats}: single pass {t_single:.1f} s, one by one {t_sep:.1f} s: "
+            f"speed-up {t_sep / t_single:.2f}x"
+        )
     if do_d:
         rates = {}
         for workers in ("auto", 0):
@@ -169,14 +189,16 @@ def section_b_d(exs, real, gen, device, batch_size, do_b, do_d, repeats=1):
             rates[w] = len(gen) / (time.perf_counter() - t)
         bound = len(gen) / fwd
         for w, rate in rates.items():
-            print(f"(d) pipeline with {w} input threads: {rate:.2f} img/s = {100 * rate / bound:.1f}% of the "
-                  f"forward-pass bound {bound:.2f} img/s (default threads here: {default_workers()})")
+            print(
+                f"(d) pipeline with {w} input threads: {rate:.2f} img/s = {100 * rate / bound:.1f}% of the "
+                f"forward-pass bound {bound:.2f} img/s (default threads here: {default_workers()})"
+            )
 
 
 def self_made_fid_weights(path: Path, seed: int = 0) -> Path:
     """pytorch-fid's FID Inception network with seeded random weights, saved as pytorch-fid's state dict."""
-    from fidmed.features.inception_tf import FIDInceptionV3
-    from fidmed.features.registry import seeded_init_
+    from fidmed.features.base import seeded_init_
+    from fidmed.features.extractors.inception_tf import FIDInceptionV3
 
     net = FIDInceptionV3()
     seeded_init_(net, seed)
@@ -186,18 +208,21 @@ def self_made_fid_weights(path: Path, seed: int = 0) -> Path:
 
 
 def section_c(real_dir: Path, gen_dir: Path, device, batch_size: int, workdir: Path) -> None:
-    from fidmed.cli import extractor_configs
-    from fidmed.features.registry import build_extractor
+    import dataclasses
+
+    from fidmed.features.registry import build_extractor, extractor_setup
     from fidmed.features.weights import sha256_of
 
     print("\n## (c) inception_tf vs python -m pytorch_fid (same images, same weights file)")
-    cfg = dict(extractor_configs()["inception_tf"])
-    name = cfg["weights"]["filename"]
+    setup = extractor_setup("inception_tf")
+    name = setup.weights.filename
     torch_home = workdir / "torch_home"
     weights = torch_home / "hub" / "checkpoints" / name
     real_file = None
-    for cand in [Path(os.environ.get("FIDMED_WEIGHTS", "~/.cache/fidmed/weights")).expanduser() / name,
-                 Path(torch.hub.get_dir()) / "checkpoints" / name]:
+    for cand in [
+        Path(os.environ.get("FIDMED_WEIGHTS", "~/.cache/fidmed/weights")).expanduser() / name,
+        Path(torch.hub.get_dir()) / "checkpoints" / name,
+    ]:
         if cand.is_file():
             real_file = cand
     if real_file is not None:
@@ -209,18 +234,29 @@ def section_c(real_dir: Path, gen_dir: Path, device, batch_size: int, workdir: P
         self_made_fid_weights(weights)
         what = "SELF-MADE weights file (FID Inception, seeded random init, pytorch-fid's state-dict format)"
     digest = sha256_of(weights)
-    cfg["weights"] = {**cfg["weights"], "sha256": digest}
+    setup = dataclasses.replace(setup, weights=dataclasses.replace(setup.weights, sha256=digest))
     print(f"weights: {what}; sha256 {digest}; read by both tools from {weights}")
     n_real = len(list(real_dir.glob("*.png")))
     n_gen = len(list(gen_dir.glob("*.png")))
     t = time.perf_counter()
-    ex = build_extractor(cfg, weights_dir=weights.parent, allow_download=False, allow_random=False)
+    ex = build_extractor(setup, weights_dir=weights.parent, allow_download=False, allow_random=False)
     fd, _ = _run([ex], _source(real_dir, n_real), _source(gen_dir, n_gen), device, batch_size=batch_size)
     t_ours = time.perf_counter() - t
     ours = fd["inception_tf"]
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
-    cmd = [sys.executable, "-m", "pytorch_fid", str(gen_dir), str(real_dir), "--device", str(device),
-           "--dims", "2048", "--batch-size", str(batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytorch_fid",
+        str(gen_dir),
+        str(real_dir),
+        "--device",
+        str(device),
+        "--dims",
+        "2048",
+        "--batch-size",
+        str(batch_size),
+    ]
     print(f"# running {' '.join(cmd[1:])} (its progress bar below)", flush=True)
     t = time.perf_counter()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr (tqdm) passes through
@@ -234,12 +270,18 @@ def section_c(real_dir: Path, gen_dir: Path, device, batch_size: int, workdir: P
     t_start = time.perf_counter() - t
     n = n_real + n_gen
     print(f"images: {n_gen} generated + {n_real} real, 299x299 grey PNG; batch {batch_size}; device {device}")
-    print(f"fidmed (in-process: build + load weights + both sets + FD): FD {ours:.10g}, {t_ours:.1f} s, "
-          f"{n / t_ours:.2f} img/s")
-    print(f"python -m pytorch_fid (whole command; its Python start-up + imports alone take {t_start:.1f} s): "
-          f"FD {ref:.10g}, {t_ref:.1f} s, {n / t_ref:.2f} img/s")
-    print(f"throughput fidmed / pytorch_fid: {t_ref / t_ours:.2f}x; FD relative difference "
-          f"{abs(ours - ref) / abs(ref):.2e} (fidmed route: {'nuclear (n < d)' if min(n_real, n_gen) < 2048 else 'cholesky'})")
+    print(
+        f"fidmed (in-process: build + load weights + both sets + FD): FD {ours:.10g}, {t_ours:.1f} s, "
+        f"{n / t_ours:.2f} img/s"
+    )
+    print(
+        f"python -m pytorch_fid (whole command; its Python start-up + imports alone take {t_start:.1f} s): "
+        f"FD {ref:.10g}, {t_ref:.1f} s, {n / t_ref:.2f} img/s"
+    )
+    print(
+        f"throughput fidmed / pytorch_fid: {t_ref / t_ours:.2f}x; FD relative difference "
+        f"{abs(ours - ref) / abs(ref):.2e} (fidmed route: {'nuclear (n < d)' if min(n_real, n_gen) < 2048 else 'cholesky'})"
+    )
 
 
 def memory_run(args) -> None:
@@ -266,8 +308,11 @@ def memory_run(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     ev.evaluate(GeneratorSource(G, args.mem_num, device=device))
-    out = {"metrics": args.memory_run, "seconds": time.perf_counter() - t,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {
+        "metrics": args.memory_run,
+        "seconds": time.perf_counter() - t,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
     if device.type == "cuda":
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     print("MEMORY " + json.dumps(out))
@@ -276,18 +321,33 @@ def memory_run(args) -> None:
 def section_e(args) -> None:
     import json
 
-    print(f"\n## (e) peak memory: {args.mem_num} generated (random-init StyleGAN2, 256 px) vs {args.mem_real} "
-          f"real phantoms, extractors {' '.join(args.extractor)}, device {args.device}, batch {args.batch_size}")
+    print(
+        f"\n## (e) peak memory: {args.mem_num} generated (random-init StyleGAN2, 256 px) vs {args.mem_real} "
+        f"real phantoms, extractors {' '.join(args.extractor)}, device {args.device}, batch {args.batch_size}"
+    )
     for metrics in ("fd,rfd", "fd,rfd,prdc"):
-        cmd = [sys.executable, __file__, "--memory-run", metrics, "--mem-num", str(args.mem_num), "--mem-real",
-               str(args.mem_real), "--device", args.device, "--batch-size", str(args.batch_size), "--extractor",
-               *args.extractor] + (["--weights-dir", args.weights_dir] if args.weights_dir else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-run",
+            metrics,
+            "--mem-num",
+            str(args.mem_num),
+            "--mem-real",
+            str(args.mem_real),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--extractor",
+            *args.extractor,
+        ] + (["--weights-dir", args.weights_dir] if args.weights_dir else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY ")]
         if out.returncode != 0 or not lines:
             print(f"metrics {metrics}: FAILED\n{out.stderr[-2000:]}")
             continue
-        rec = json.loads(lines[-1][len("MEMORY "):])
+        rec = json.loads(lines[-1][len("MEMORY ") :])
         cuda = f", peak CUDA allocated {rec['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in rec else ""
         print(f"metrics {metrics}: peak RSS {rec['peak_rss_gib']:.2f} GiB{cuda}, {rec['seconds']:.1f} s")
 
@@ -315,9 +375,11 @@ def main() -> None:
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fidmed-bench-"))
     device = torch.device(args.device)
-    print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     if set(args.only) & {"a", "b", "d"}:
         real_dir = Path(args.real) if args.real else phantom_folder(work / f"real{args.num}", args.num, 0)
         gen_dir = Path(args.gen) if args.gen else phantom_folder(work / f"gen{args.num}", args.num, 1, blur=1.0)

@@ -1,9 +1,9 @@
 """Benchmark: images/s of each feature extractor on this machine (fp32, batch 16, random weights).
 
 Random weights cost the same as real ones. Wall time and process CPU time (``time.process_time``, all threads) are
-both reported, because the development VM is shared. Keras-faithful networks (``fidmed.features.keras_nets``) are
-included when that module exists, and the cost of Keras "same" padding is their time relative to the plain
-torchvision network of the same architecture (ResNet50, InceptionV3) at the same input size.
+both reported, because the development VM is shared. Keras-faithful networks
+(``fidmed.features.extractors.keras_apps``) are included, and the cost of Keras "same" padding is their time relative
+to the plain torchvision network of the same architecture (ResNet50, InceptionV3) at the same input size.
 
     python benchmarks/extractors.py --out benchmarks/results/extractors.md [--device cuda] [--bf16]
 """
@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from fidmed.features.registry import available_extractors, build_extractor
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
+from fidmed.features.registry import EXTRACTORS, build_extractor
 
 
 def measure(name: str, batch: int, repeats: int, device: str, bf16: bool, size: int | None) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
-    cfg["weights_source"] = "random"
-    cfg.pop("weights", None)
+    cfg = {"name": name, "weights_source": "random"}
     if size:
         cfg["input_size"] = size
     ex = build_extractor(cfg, allow_random=True).to(device)
@@ -60,7 +55,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
-    names = [n for n in available_extractors() if (CONF / f"{n}.yaml").is_file()]
+    names = EXTRACTORS.names()
     if args.only:
         names = [n for n in names if n in args.only]
     rows = []
@@ -69,8 +64,10 @@ def main() -> None:
         rows.append(r)
         print(r, flush=True)
     load = os.getloadavg()
-    cpu_name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                    platform.processor())
+    cpu_name = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
     lines = [
         "# Feature extractors: throughput",
         "",
@@ -90,13 +87,19 @@ def main() -> None:
     by_name = {r["name"]: r for r in rows}
     pairs = [(k, t) for k, t in (("keras_resnet", "resnet"), ("keras_inception", "inception")) if k in by_name]
     if pairs:
-        lines += ["", "Keras-faithful network vs torchvision network of the same architecture, same input size:", "",
-                  "| Keras-faithful | torchvision | input | Keras CPU s | torchvision CPU s | ratio |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Keras-faithful network vs torchvision network of the same architecture, same input size:",
+            "",
+            "| Keras-faithful | torchvision | input | Keras CPU s | torchvision CPU s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, t in pairs:
             plain = measure(t, args.batch, args.repeats, args.device, args.bf16, by_name[k]["size"])
-            lines.append(f"| {k} | {t} | {plain['size']} | {by_name[k]['cpu']:.2f} | {plain['cpu']:.2f} | "
-                         f"{by_name[k]['cpu'] / plain['cpu']:.2f}x |")
+            lines.append(
+                f"| {k} | {t} | {plain['size']} | {by_name[k]['cpu']:.2f} | {plain['cpu']:.2f} | "
+                f"{by_name[k]['cpu'] / plain['cpu']:.2f}x |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

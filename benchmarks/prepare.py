@@ -39,9 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.p
 from machine import cpu_name  # noqa: E402
 
 from fidmed.data.phantom import render_phantoms  # noqa: E402
-from fidmed.data.prepare import (CardiacPreparer, CTPreparer, DicomPreparer, MRIPreparer, XrayPreparer,  # noqa: E402
-
-                                 run_prepare)
+from fidmed.data.prepare import CardiacPreparer, CTPreparer, DicomPreparer, MRIPreparer, XrayPreparer, run_prepare  # noqa: E402
 
 # stylegan2-ada-pytorch README, "Expected training time" (--cfg stylegan2, NVIDIA V100s): sec/kimg, lower end.
 PUBLISHED_SEC_PER_KIMG = {256: {1: 21.6, 8: 4.4}, 512: {1: 72.5, 8: 9.5}, 1024: {1: 154.3, 8: 20.2}}
@@ -55,11 +53,13 @@ def phantoms(n: int, res: int, seed: int) -> np.ndarray:
 
 def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of uint8 [n, h, w] to (height, width) with PIL."""
-    return np.stack([np.asarray(PIL.Image.fromarray(im).resize((size[1], size[0]), PIL.Image.BILINEAR))
-                     for im in images])
+    return np.stack(
+        [np.asarray(PIL.Image.fromarray(im).resize((size[1], size[0]), PIL.Image.BILINEAR)) for im in images]
+    )
 
 
 # -- part 1: synthetic raw datasets -----------------------------------------------------------------------------
+
 
 def make_xray(root: Path, n: int) -> str:
     root.mkdir(parents=True)
@@ -104,8 +104,10 @@ def make_cardiac(root: Path, patients: int, depth: int, frames: int) -> str:
         folder.mkdir(parents=True)
         base = resize(phantoms(depth, 256, 30 + p), (216, 256)).astype(np.int16)  # [z, 216 rows, 256 cols]
         data = np.stack([np.roll(base, t, axis=2) for t in range(frames)], axis=-1).transpose(2, 1, 0, 3)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), np.diag([1.4, 1.4, 10.0, 1.0])),
-                 str(folder / f"patient{p + 1:03d}_4d.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(data), np.diag([1.4, 1.4, 10.0, 1.0])),
+            str(folder / f"patient{p + 1:03d}_4d.nii.gz"),
+        )
     return f"{patients} 4-D NIfTI 256x216x{depth}x{frames} int16 (.nii.gz; frame 0 used)"
 
 
@@ -138,12 +140,13 @@ def worker_startup_seconds(workers: int) -> float:
     import concurrent.futures as cf
     import multiprocessing
 
-    from fidmed.data.prepare import common
+    from fidmed.data.prepare import pixels, runner
 
     start = time.perf_counter()
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=common._init_worker) as pool:
-        list(pool.map(common.to_uint8, [np.zeros(1, np.float32)] * workers))
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=runner._init_worker
+    ) as pool:
+        list(pool.map(pixels.to_uint8, [np.zeros(1, np.float32)] * workers))
     return time.perf_counter() - start
 
 
@@ -156,8 +159,10 @@ def prepare_rows(work: Path, workers_list: list[int], scale: int) -> list[str]:
         ("dicom", DicomPreparer(), lambda p: make_dicom(p, 24 * scale)),
     ]
     startup = {w: worker_startup_seconds(w) for w in workers_list if w > 1}
-    rows = ["| preparer | synthetic input | workers | sources | slices read | images written | seconds | "
-            "slices/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| preparer | synthetic input | workers | sources | slices read | images written | seconds | slices/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, preparer, make in cases:
         src = work / "raw" / name
         t0 = time.perf_counter()
@@ -170,17 +175,22 @@ def prepare_rows(work: Path, workers_list: list[int], scale: int) -> list[str]:
             seconds = time.perf_counter() - start
             counts = report.manifest["counts"]
             seen = counts.get("slices", counts["images"])  # xray: one image per file
-            rows.append(f"| {name} | {what} | {workers} | {counts.get('sources_ok', 0)} | {seen} | {counts['images']} |"
-                        f" {seconds:.2f} | {seen / seconds:.1f} |")
+            rows.append(
+                f"| {name} | {what} | {workers} | {counts.get('sources_ok', 0)} | {seen} | {counts['images']} |"
+                f" {seconds:.2f} | {seen / seconds:.1f} |"
+            )
             print(rows[-1], file=sys.stderr)
             shutil.rmtree(out)
     for workers, seconds in startup.items():
-        rows.append(f"| (worker start-up alone) | spawn {workers} processes, import fidmed.data.prepare | {workers} |"
-                    f" | | | {seconds:.2f} | |")
+        rows.append(
+            f"| (worker start-up alone) | spawn {workers} processes, import fidmed.data.prepare | {workers} |"
+            f" | | | {seconds:.2f} | |"
+        )
     return rows
 
 
 # -- part 2: the training loader --------------------------------------------------------------------------------
+
 
 def headroom_rows(rates: dict[tuple[int, str], float]) -> list[str]:
     """Measured loader rate over the quoted 8-V100 consumption, per resolution and cache mode (best worker count)."""
@@ -197,8 +207,10 @@ def loader_rows(work: Path, n: int, batches: int, rates: dict[tuple[int, str], f
     from fidmed.data.datamodule import ImageDataModule
     from fidmed.data.folder import ImageFolderDataset
 
-    rows = ["| resolution | images | cache | DataLoader workers | build (s) | images/s |",
-            "|---:|---:|---|---:|---:|---:|"]
+    rows = [
+        "| resolution | images | cache | DataLoader workers | build (s) | images/s |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
     all_modes = (("none", (0, 2)), ("memory", (0,)), ("disk", (0, 2)))
     # 1024 (ChestX-ray14, too large to cache: conf/modality/xray.yaml has cache none): on-the-fly decoding only.
     for res, count, modes in ((256, n, all_modes), (512, n, all_modes), (1024, max(64, n // 4), all_modes[:1])):
@@ -240,12 +252,17 @@ def machine_info() -> list[str]:
     cpu = cpu_name()
     import SimpleITK as sitk
 
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores",
-             f"- Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, "
-             f"SimpleITK {sitk.Version_VersionString()}, {platform.platform()}"]
+    lines = [
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores",
+        f"- Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, "
+        f"SimpleITK {sitk.Version_VersionString()}, {platform.platform()}",
+    ]
     if hasattr(os, "getloadavg"):
-        lines.append("- load average at start (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-                     + " (other jobs share the machine when this exceeds the core count)")
+        lines.append(
+            "- load average at start (1, 5, 15 min): "
+            + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+            + " (other jobs share the machine when this exceeds the core count)"
+        )
     return lines
 
 
@@ -257,8 +274,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "prepare.md"))
     parser.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one, deleted)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads of this process (collation with DataLoader workers = 0)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of this process (collation with DataLoader workers = 0)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -279,27 +300,46 @@ def main() -> None:
     for res, table in PUBLISHED_SEC_PER_KIMG.items():
         consumption.append(f"| {res} | {table[1]} -> {1000 / table[1]:.0f} | {table[8]} -> {1000 / table[8]:.0f} |")
     command = "python benchmarks/prepare.py " + " ".join(sys.argv[1:])
-    text = "\n".join([
-        "# Dataset preparation and loading throughput", "",
-        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})", "", *info, "",
-        "## `fidmed prepare`: slices per second on synthetic volumes", "",
-        "Wall clock from an empty output folder, including worker start-up (spawn; timed alone in the last row). "
-        "`workers = 1` converts in this process (the per-core rate); a run uses at most one worker per source. "
-        "`slices read` counts every slice examined (mri: before the >15% filter, cardiac: frame 0), `images "
-        "written` the PNGs. slices/s = slices read / seconds.", "",
-        *part1, "",
-        "## Training loader: images per second (batch 32, x-flip, infinite sampler)", "",
-        f"Phantom PNGs; {args.batches} timed batches after 3 warm-up batches (the infinite sampler repeats epochs); "
-        "`build` = constructing the dataset (header scan, plus decoding for memory/disk). With 0 DataLoader workers "
-        f"the batches are collated in this process, with torch's intra-op threads = {args.threads} unless the row "
-        "says otherwise (DataLoader workers always use 1).", "",
-        *part2, "",
-        "## What training consumes (quoted, not measured here)", "",
-        "stylegan2-ada-pytorch README, 'Expected training time', --cfg stylegan2 on NVIDIA V100s (fastest of the "
-        "quoted range):", "", *consumption, "",
-        "Headroom: the best loader rate measured here (one process or two workers on this machine) over what 8 V100s "
-        "consume at that resolution; above 1 the loader keeps up.", "", *headroom_rows(rates), "",
-    ])
+    text = "\n".join(
+        [
+            "# Dataset preparation and loading throughput",
+            "",
+            f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
+            "",
+            *info,
+            "",
+            "## `fidmed prepare`: slices per second on synthetic volumes",
+            "",
+            "Wall clock from an empty output folder, including worker start-up (spawn; timed alone in the last row). "
+            "`workers = 1` converts in this process (the per-core rate); a run uses at most one worker per source. "
+            "`slices read` counts every slice examined (mri: before the >15% filter, cardiac: frame 0), `images "
+            "written` the PNGs. slices/s = slices read / seconds.",
+            "",
+            *part1,
+            "",
+            "## Training loader: images per second (batch 32, x-flip, infinite sampler)",
+            "",
+            f"Phantom PNGs; {args.batches} timed batches after 3 warm-up batches (the infinite sampler repeats epochs); "
+            "`build` = constructing the dataset (header scan, plus decoding for memory/disk). With 0 DataLoader workers "
+            f"the batches are collated in this process, with torch's intra-op threads = {args.threads} unless the row "
+            "says otherwise (DataLoader workers always use 1).",
+            "",
+            *part2,
+            "",
+            "## What training consumes (quoted, not measured here)",
+            "",
+            "stylegan2-ada-pytorch README, 'Expected training time', --cfg stylegan2 on NVIDIA V100s (fastest of the "
+            "quoted range):",
+            "",
+            *consumption,
+            "",
+            "Headroom: the best loader rate measured here (one process or two workers on this machine) over what 8 V100s "
+            "consume at that resolution; above 1 the loader keeps up.",
+            "",
+            *headroom_rows(rates),
+            "",
+        ]
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

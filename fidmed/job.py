@@ -15,47 +15,50 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 import fidmed
+from fidmed.atomic import check_writable
+from fidmed.config import Stage, WeightsMode
 from fidmed.errors import ConfigError, FidmedError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "train", "evaluate")
-WEIGHT_MODES = ("pretrained", "random", "random_if_missing")
-
 
 def extractor_configs(cfg: Any) -> list[Any]:
     """The selected extractors (``extractor=[a,b]`` puts one config per name under ``cfg.extractor``)."""
-    node = cfg.get("extractor")
+    node = cfg.extractor
     if node is None or len(node) == 0:
         raise ConfigError("no extractor selected; use extractor=inception_tf or extractor=[a,b].")
     return [node[k] for k in node]
 
 
 def build_extractors(cfg: Any, announce=print) -> list[torch.nn.Module]:
-    """Build every selected extractor, checking all weights first.
-
-    ``eval.weights``: ``pretrained`` (default) never substitutes anything: missing weights offline stop the job
-    with the fix. ``random`` builds random-init extractors on purpose (plumbing tests). ``random_if_missing``
-    (the demo) uses real weights where present and a loudly labelled random-init network where not.
-    """
+    """Build every selected extractor, checking all weights first (``eval.weights``: see
+    :class:`fidmed.config.WeightsMode`)."""
     from fidmed.features.registry import build_extractor, check_weights_available
 
-    mode = str(cfg.eval.weights)
-    if mode not in WEIGHT_MODES:
-        raise ConfigError(f"eval.weights={mode!r}; choose one of {', '.join(WEIGHT_MODES)}.")
+    mode = WeightsMode(cfg.eval.weights)
     ex_cfgs = extractor_configs(cfg)
-    weights_dir = cfg.paths.get("weights_dir")
-    allow_download = bool(cfg.eval.get("allow_download", True))
-    if mode == "random":
-        return [build_extractor(OmegaConf.merge(c, {"weights_source": "random"}), weights_dir=weights_dir,
-                                allow_random=True) for c in ex_cfgs]
-    status = check_weights_available(ex_cfgs, weights_dir=weights_dir, allow_download=allow_download,
-                                     raise_on_missing=(mode == "pretrained"))
+    weights_dir = cfg.paths.weights_dir
+    allow_download = cfg.eval.allow_download
+    if mode is WeightsMode.random:
+        return [
+            _random(
+                build_extractor(
+                    OmegaConf.merge(c, {"weights_source": "random"}), weights_dir=weights_dir, allow_random=True
+                ),
+                "chosen (eval.weights=random)",
+            )
+            for c in ex_cfgs
+        ]
+    status = check_weights_available(
+        ex_cfgs,
+        weights_dir=weights_dir,
+        allow_download=allow_download,
+        raise_on_missing=(mode is WeightsMode.pretrained),
+    )
     invalid = [s for s in status.values() if s.state == "invalid"]
     if invalid:  # a wrong hash is never papered over, not even by the demo
         raise FidmedError("\n\n".join(f"[{s.name}] {s.message}" for s in invalid))
@@ -64,28 +67,76 @@ def build_extractors(cfg: Any, announce=print) -> list[torch.nn.Module]:
         if status[c.name].ok:
             extractors.append(build_extractor(c, weights_dir=weights_dir, allow_download=allow_download))
         else:
-            announce(f"\n!! RANDOM-INIT extractor: no weights for '{c.name}' here:\n"
-                     f"{status[c.name].message}\n!! The demo continues with a random-init '{c.name}', labelled "
-                     f"RANDOM-INIT in the table, results.json and W&B; its FDs are NOT comparable to published "
-                     f"numbers. Install the weights (`fidmed weights list`) for real scores.\n")
-            extractors.append(build_extractor(OmegaConf.merge(c, {"weights_source": "random"}),
-                                              weights_dir=weights_dir, allow_random=True))
+            announce(
+                f"\n!! RANDOM-INIT extractor: no weights for '{c.name}' here:\n"
+                f"{status[c.name].message}\n!! The demo continues with a random-init '{c.name}', labelled "
+                f"RANDOM-INIT in the table, results.json and W&B; its FDs are NOT comparable to published "
+                f"numbers. Install the weights (`fidmed weights list`) for real scores.\n"
+            )
+            extractors.append(
+                _random(
+                    build_extractor(
+                        OmegaConf.merge(c, {"weights_source": "random"}), weights_dir=weights_dir, allow_random=True
+                    ),
+                    "substituted: no weights file here (eval.weights=random_if_missing)",
+                )
+            )
     return extractors
 
 
-def check_config(cfg: Any) -> None:
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}.")
-    if cfg.stage == "evaluate" and not cfg.get("generator"):
+def _random(extractor: Any, reason: str) -> Any:
+    """Record why an extractor has random weights (shown with every number it makes)."""
+    extractor.random_init_reason = reason
+    return extractor
+
+
+def check_job(cfg: Any) -> None:
+    """Value checks that span groups (types, single values' ranges and unknown keys are the schemas' job)."""
+    if cfg.stage == Stage.evaluate and not cfg.generator:
         raise ConfigError("stage=evaluate needs generator=PATH (a network-snapshot-*.pt, final.pt or last.ckpt).")
-    if cfg.schedule.kimg is None and cfg.stage != "evaluate":
-        raise ConfigError(f"schedule.kimg is not set: modality {cfg.modality.name} has no study training length "
-                          f"(modality.study_kimg); set schedule.kimg=N or choose schedule=default.")
-    if float(cfg.schedule.kimg) <= 0 and cfg.stage != "evaluate":
+    if cfg.schedule.kimg is None and cfg.stage != Stage.evaluate:
+        raise ConfigError(
+            f"schedule.kimg is not set: modality {cfg.modality.name} has no study training length "
+            f"(modality.study_kimg); set schedule.kimg=N or choose schedule=default."
+        )
+    if cfg.stage != Stage.evaluate and cfg.schedule.kimg <= 0:
         raise ConfigError(f"schedule.kimg={cfg.schedule.kimg}; training length must be > 0 kimg.")
     for key in ("num_gen", "batch_size"):
-        if int(cfg.eval[key]) < 1:
+        if cfg.eval[key] < 1:
             raise ConfigError(f"eval.{key}={cfg.eval[key]} must be >= 1.")
+
+
+def generator_provenance(path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Where a generator came from, recorded in the protocol of every number made from it: its file, training
+    fingerprint and kimg, and for a stylegan2-ada-pytorch pickle its sha256 and whether the network source
+    embedded in it is the reference's."""
+    out: dict[str, Any] = {"path": str(path), "fingerprint": record.get("fingerprint"), "kimg": record.get("kimg")}
+    source = record.get("source") or {}
+    if source.get("sha256"):
+        out["pickle_sha256"] = source["sha256"]
+        out["pickle_source_is_reference"] = source.get("module_src_is_reference")
+    return out
+
+
+def evaluator_from_config(eval_cfg: Any, extractors: list[Any], real: Any, cache_dir: str | None) -> Any:
+    """The Evaluator an ``eval`` config node describes (run.py and ``fidmed evaluate`` share it)."""
+    from fidmed.evaluation.evaluator import Evaluator
+    from fidmed.metrics.base import METRICS
+
+    options = {e.name: eval_cfg[e.name] for e in METRICS.entries() if e.config is not None and e.name in eval_cfg}
+    return Evaluator(
+        extractors,
+        real,
+        cache_dir=cache_dir,
+        batch_size=eval_cfg.batch_size,
+        device=eval_cfg.device,
+        real_split_seed=eval_cfg.real_split_seed,
+        metrics=list(eval_cfg.metrics),
+        metric_options=options,
+        precision=eval_cfg.precision.value,
+        metric_seed=eval_cfg.metric_seed,
+        num_workers=eval_cfg.num_workers,
+    )
 
 
 def quiet_libraries() -> None:
@@ -107,15 +158,21 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
     """The whole job. Returns the results payload (also written to ``<run_dir>/results.json``)."""
     quiet_libraries()
     from fidmed.data.datamodule import build_dataset
-    from fidmed.evaluation.evaluator import Evaluator
     from fidmed.evaluation.results import format_results_table, results_table_rows, write_results_json
     from fidmed.evaluation.sources import DatasetSource, GeneratorSource
+    from fidmed.gan.callbacks import read_fd_history
     from fidmed.gan.checkpoint import load_generator
-    from fidmed.gan.train import launch_rank, read_fd_history, train_dir_for, train_or_reuse, training_fingerprint
+    from fidmed.gan.fingerprint import train_dir_for, training_fingerprint
+    from fidmed.gan.train import check_training, launch_rank, train_or_reuse
     from fidmed.tracking import build_tracker, image_grid
 
     run_dir = Path(run_dir)
-    check_config(cfg)
+    check_job(cfg)
+    check_writable(run_dir, "the run folder (hydra.run.dir)", is_dir=True)
+    check_writable(cfg.paths.cache_dir, "the statistics cache paths.cache_dir", is_dir=True)
+    if cfg.stage != Stage.evaluate:
+        check_writable(cfg.paths.train_root, "the training folder paths.train_root", is_dir=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     rank = launch_rank()
     config = OmegaConf.to_container(cfg, resolve=True)
     # The tracker comes first and is always finished (finally below), so a job that fails in any later check
@@ -126,26 +183,29 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
     try:
         # Start the run now (W&B creates it lazily on the first log): every job, even one that only reuses a
         # generator or fails in a check below, has its own run, so a sweep sees every trial.
-        tracker.summary({"fidmed/job": job_name, "fidmed/stage": str(cfg.stage)})
-        torch.manual_seed(int(cfg.seed))
+        tracker.summary({"fidmed/job": job_name, "fidmed/stage": cfg.stage.value})
+        torch.manual_seed(cfg.seed)
         dataset = build_dataset(cfg.modality)
+        if cfg.stage != Stage.evaluate:
+            check_training(cfg)  # a GPU trainer without a GPU, an unwritable training folder: before any work
         extractors = build_extractors(cfg)
-        real = DatasetSource(dataset, None if cfg.eval.num_real is None else int(cfg.eval.num_real))
-        if real.num > len(dataset):
-            raise FidmedError(f"eval.num_real={real.num} but the real set {getattr(dataset, 'name', '')} has only "
-                              f"{len(dataset)} images; lower eval.num_real or leave it null (all images).")
-        evaluator = Evaluator(extractors, real, cache_dir=cfg.paths.cache_dir, batch_size=int(cfg.eval.batch_size),
-                              device=cfg.eval.device, real_split_seed=int(cfg.eval.real_split_seed),
-                              metrics=list(cfg.eval.metrics), knn_k=int(cfg.eval.get("knn_k", 5)),
-                          precision=str(cfg.eval.get("precision", "fp32")),
-                          metric_seed=int(cfg.eval.get("metric_seed", 0)),
-                          kid_subsets=int(cfg.eval.get("kid_subsets", 100)),
-                          kid_subset_size=int(cfg.eval.get("kid_subset_size", 1000)),
-                          num_workers=cfg.eval.get("num_workers", "auto"))
+        if cfg.eval.num_real is not None and cfg.eval.num_real > len(dataset):
+            raise FidmedError(
+                f"eval.num_real={cfg.eval.num_real} but the real set {getattr(dataset, 'name', '')} has "
+                f"only {len(dataset)} images; lower eval.num_real or leave it null (all images)."
+            )
+        real = DatasetSource(dataset, cfg.eval.num_real)
+        evaluator = evaluator_from_config(cfg.eval, extractors, real, cfg.paths.cache_dir)
 
         def evaluate_during_training(G, kimg):
-            gen = GeneratorSource(G, int(cfg.eval.num_gen_training), int(cfg.eval.seed_start),
-                                  float(cfg.eval.truncation_psi), str(cfg.eval.noise_mode), evaluator.device)
+            gen = GeneratorSource(
+                G,
+                cfg.eval.num_gen_training,
+                cfg.eval.seed_start,
+                cfg.eval.truncation_psi,
+                cfg.eval.noise_mode.value,
+                evaluator.device,
+            )
             home = next(G.parameters()).device  # G_ema trains where the trainer put it; put it back afterwards
             G.to(evaluator.device)
             try:
@@ -155,52 +215,86 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
             return {f"{r.metric}/{r.label}": r.value for r in recs}
 
         def log_grid(G, kimg):
-            if not cfg.logger.get("log_images", False):
+            if not cfg.logger.log_images:
                 return
             gen = GeneratorSource(G, 16, 0, 1.0, "const", next(G.parameters()).device)
             _, imgs = next(gen.batches(16))
             tracker.log_images("samples", image_grid(imgs.numpy()), caption=f"G_ema at {kimg:.2f} kimg, seeds 0-15")
 
         header: dict[str, Any] = {
-            "fidmed_version": fidmed.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "run_dir": str(run_dir), "stage": cfg.stage, "modality": cfg.modality.name,
-            "augmentation": cfg.augmentation.name, "model": cfg.model.name,
-            "host": {"python": platform.python_version(), "torch": torch.__version__,
-                     "device": str(evaluator.device), "platform": platform.platform()},
+            "fidmed_version": fidmed.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_dir": str(run_dir),
+            "stage": cfg.stage.value,
+            "modality": cfg.modality.name,
+            "augmentation": cfg.augmentation.name,
+            "model": cfg.model.name,
+            "host": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "device": str(evaluator.device),
+                "platform": platform.platform(),
+            },
         }
-        if cfg.stage in ("all", "train"):
+        if cfg.stage in (Stage.all, Stage.train):
             final = train_or_reuse(cfg, dataset, tracker, evaluate_during_training, log_grid)
             fingerprint = training_fingerprint(cfg)
             train_dir = train_dir_for(cfg, fingerprint)
             if rank == 0:
                 link_training_folder(run_dir, train_dir)
-            header["training"] = {"fingerprint": fingerprint, "train_dir": str(train_dir),
-                                  "kimg": float(cfg.schedule.kimg), "fd_history": read_fd_history(train_dir)}
+            header["training"] = {
+                "fingerprint": fingerprint,
+                "train_dir": str(train_dir),
+                "kimg": float(cfg.schedule.kimg),
+                "fd_history": read_fd_history(train_dir),
+            }
             generator_path = final
         else:
-            generator_path = Path(str(cfg.generator))
+            generator_path = Path(cfg.generator)
         records = []
-        if cfg.stage in ("all", "evaluate"):
-            G, record = load_generator(generator_path, evaluator.device)
+        if cfg.stage in (Stage.all, Stage.evaluate):
+            G, record = load_generator(
+                generator_path, evaluator.device, allow_modified_source=cfg.generator_allow_modified_source
+            )
             if G.img_channels != dataset.num_channels:
-                raise FidmedError(f"the generator makes {G.img_channels}-channel images but the real set "
-                                  f"{getattr(dataset, 'name', '')} has {dataset.num_channels}; evaluate it against "
-                                  f"a modality with the same channels.")
-            header["generator"] = {"path": str(generator_path), "kimg": record.get("kimg"),
-                                   "fingerprint": record.get("fingerprint"), "source": record.get("source")}
-            gen = GeneratorSource(G, int(cfg.eval.num_gen), int(cfg.eval.seed_start), float(cfg.eval.truncation_psi),
-                                  str(cfg.eval.noise_mode), evaluator.device)
-            context = {"modality": cfg.modality.name, "augmentation": cfg.augmentation.name,
-                       "generator": str(generator_path), "kimg": record.get("kimg")}
+                raise FidmedError(
+                    f"the generator makes {G.img_channels}-channel images but the real set "
+                    f"{getattr(dataset, 'name', '')} has {dataset.num_channels}; evaluate it against "
+                    f"a modality with the same channels."
+                )
+            header["generator"] = {
+                "path": str(generator_path),
+                "kimg": record.get("kimg"),
+                "fingerprint": record.get("fingerprint"),
+                "source": record.get("source"),
+            }
+            gen = GeneratorSource(
+                G,
+                cfg.eval.num_gen,
+                cfg.eval.seed_start,
+                cfg.eval.truncation_psi,
+                cfg.eval.noise_mode.value,
+                evaluator.device,
+                provenance=generator_provenance(generator_path, record),
+            )
+            context = {
+                "modality": cfg.modality.name,
+                "augmentation": cfg.augmentation.name,
+                "generator": str(generator_path),
+                "kimg": record.get("kimg"),
+            }
             # Under DDP every rank evaluates its disjoint shard of the seeds; the evaluator gathers exactly.
             records = evaluator.evaluate(gen, context=context)
             if rank != 0:  # rank 0 alone reports and writes
                 exit_code = 0
                 return {}
             log_grid(G, float(record.get("kimg") or 0))
-            print(format_results_table(records, title=f"fidmed results: {cfg.modality.name} / "
-                                                     f"{cfg.augmentation.name} / {cfg.model.name}"))
-            rows = results_table_rows(records)
+            print(
+                format_results_table(
+                    records, title=f"fidmed results: {cfg.modality.name} / {cfg.augmentation.name} / {cfg.model.name}"
+                )
+            )
+            rows, _ = results_table_rows(records)
             tracker.log_table("results", rows)
             tracker.summary({f"{r.metric}/{r.label}": r.value for r in records})
         if rank != 0:  # DDP, stage=train: rank 0 writes the job's results.json
@@ -232,5 +326,67 @@ def link_training_folder(run_dir: Path, train_dir: Path) -> None:
 
 
 def report_error(exc: BaseException) -> None:
-    """One message, no stack trace, for mistakes a user can fix."""
-    print(f"\nfidmed: error: {exc}", file=sys.stderr)
+    """One message, no stack trace, for mistakes a user can fix: one line, unless it lists several items (several
+    extractors' missing weights) that a user reads one by one."""
+    text = str(exc)
+    print(f"fidmed: error: {text if chr(10) * 2 in text else ' '.join(text.split())}", file=sys.stderr)
+
+
+ERROR_FILE = "error.txt"
+
+
+def record_failure(run_dir: str | Path, exc: BaseException) -> None:
+    """A failed job's reason on disk: ``<run_dir>/error.txt`` (the message; the traceback too for anything that
+    is not a mistake a user can fix) and the job's ``run.log`` (through logging); user mistakes also go to stderr
+    as one line."""
+    import traceback
+
+    if isinstance(exc, FidmedError):
+        report_error(exc)
+        text = f"{exc}\n"
+        log.error("job failed: %s", exc)
+    else:
+        text = "".join(traceback.format_exception(exc))
+        log.error("job failed with %s", type(exc).__name__, exc_info=exc)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / ERROR_FILE).write_text(text)
+    except OSError as write_exc:  # a read-only run folder: the message above is all there is
+        log.warning("could not write %s: %s", Path(run_dir) / ERROR_FILE, write_exc)
+
+
+class _MultirunFailures:
+    """What the multirun summary found (read by run.py for its exit status)."""
+
+    failed: list[tuple[str, str]] = []
+
+
+def multirun_exit_code() -> int:
+    return 1 if _MultirunFailures.failed else 0
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core is a dependency
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class FailureSummary(_HydraCallback):  # type: ignore[misc,valid-type]
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): after a multirun, list the jobs that failed with
+    their errors, so that a sweep whose jobs failed is not mistaken for a success (run.py then exits 1)."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = []
+        for err in sorted(sweep_dir.glob(f"*/{ERROR_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+            lines = err.read_text(errors="replace").strip().splitlines() or ["(no message)"]
+            # a traceback's last line is the exception; a user mistake's message is its first line
+            failed.append((err.parent.name, lines[-1] if lines[0].startswith("Traceback") else lines[0]))
+        _MultirunFailures.failed = failed
+        if failed:
+            print(
+                f"\nfidmed: {len(failed)} job(s) of this multirun failed (details in each job's {ERROR_FILE}):",
+                file=sys.stderr,
+            )
+            for job, message in failed:
+                print(f"  job {job} ({sweep_dir / job}): {message}", file=sys.stderr)

@@ -23,8 +23,12 @@ def compose_cfg(tmp_path):
     from omegaconf import open_dict
 
     def _compose(overrides=(), resolve_paths: bool = True):
+        from fidmed.config import check_config, register_configs
+
+        register_configs()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
+        check_config(cfg)
         if resolve_paths:
             with open_dict(cfg):
                 cfg.paths.root = str(tmp_path)
@@ -37,17 +41,22 @@ def compose_cfg(tmp_path):
     return _compose
 
 
-def extractor_cfg(name: str, path: Path | None = None, **over) -> dict:
-    """conf/extractor/NAME.yaml as a dict; ``path`` pins the weights to that (test-made) file by its sha256."""
+def extractor_cfg(name: str, path: Path | None = None, **over):
+    """The registered extractor ``name`` as an ``ExtractorSetup``, with config overrides (``input_size``,
+    ``resizer``, ``weights_source``, ``seed``) and architecture options (e.g. ``depth``) from ``over``; ``path``
+    pins the weights to that (test-made) file by its name and sha256."""
+    import dataclasses
     import hashlib
 
-    from omegaconf import OmegaConf
+    from fidmed.features.registry import CONFIG_KEYS, extractor_setup
+    from fidmed.features.weights import WeightsFile
 
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "extractor" / f"{name}.yaml"), resolve=True)
+    config = {k: over.pop(k) for k in list(over) if k in CONFIG_KEYS}
+    setup = extractor_setup({"name": name, **config})
     if path is not None:
-        cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    cfg.update(over)
-    return cfg
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        setup = dataclasses.replace(setup, weights=WeightsFile(path.name, digest))
+    return setup.with_options(**over) if over else setup
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Augmentation settings: ADA, APA, DiffAugment, the adaptive-p controller and build_augmentation.
+"""Augmentation settings: ADA, APA, DiffAugment, the adaptive-p controller, their registry and build_augmentation.
 
 Statistical tests draw a few thousand tiny images with a fixed seed and compare sample statistics with the
 specified distributions; each tolerance is a stated number of standard errors derived from the sample size,
@@ -7,8 +7,10 @@ so a wrong distribution (e.g. a std of 0.25 instead of 0.2) fails while the righ
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,23 +18,33 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fidmed.augment import Augmentation, build_augmentation
-from fidmed.augment.ada import (ADA, MULTIPLIERS, PIPELINES, SYM6, AugmentPipe, downsample2x, filter_bank,
-                                grid_sample, reflect_pad, upsample2x)
+from fidmed.augment import AUGMENTATIONS, Augmentation, augmentation_options, build_augmentation
+from fidmed.augment.ada import (
+    ADA,
+    MULTIPLIERS,
+    PIPELINES,
+    SYM6,
+    AugmentPipe,
+    downsample2x,
+    filter_bank,
+    grid_sample,
+    reflect_pad,
+    upsample2x,
+)
 from fidmed.augment.apa import APA
 from fidmed.augment.controller import AdaptiveAugmentation, AdaptiveP
 from fidmed.augment.diffaugment import DiffAugment, brightness, contrast, cutout, saturation, translation
 from fidmed.errors import ConfigError
 
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "augmentation")
-
 
 def _seeded(fn, seed: int = 0):
     """``fn`` made deterministic: each call draws the same random numbers (for gradcheck)."""
+
     def wrapped(*args):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return fn(*args)
+
     return wrapped
 
 
@@ -68,15 +80,16 @@ def test_grid_sample_has_correct_second_derivatives():
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def _upfirdn_1d(x: np.ndarray, f: np.ndarray, up: int, down: int, pad0: int, pad1: int, flip: bool,
-                gain: float) -> np.ndarray:
+def _upfirdn_1d(
+    x: np.ndarray, f: np.ndarray, up: int, down: int, pad0: int, pad1: int, flip: bool, gain: float
+) -> np.ndarray:
     """The upfirdn2d definition along one axis: zero-insert, pad (negative = crop), convolve, decimate."""
     z = np.zeros(len(x) * up)
     z[::up] = x
     z = np.concatenate([np.zeros(max(pad0, 0)), z, np.zeros(max(pad1, 0))])
-    z = z[max(-pad0, 0):len(z) - max(-pad1, 0)]
+    z = z[max(-pad0, 0) : len(z) - max(-pad1, 0)]
     k = f * gain if flip else (f * gain)[::-1]  # flip=False: true convolution
-    out = np.array([np.dot(z[i:i + len(k)], k) for i in range(len(z) - len(k) + 1)])
+    out = np.array([np.dot(z[i : i + len(k)], k) for i in range(len(z) - len(k) + 1)])
     return out[::down]
 
 
@@ -249,7 +262,7 @@ def test_isotropic_scale_log2_std():
     n = 600
     pipe = _pipe_stats(scale=1)
     coords = torch.arange(32.0) - 15.5
-    blob = torch.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * 3.0 ** 2))
+    blob = torch.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * 3.0**2))
     x = blob.expand(n, 1, 32, 32).clone()
     y = pipe(x, 1.0)
 
@@ -349,7 +362,7 @@ def test_imgfilter_amplifies_bands_with_power_normalisation():
     g0 = y.mean(dim=(1, 2, 3))
     # t = 2^N(0,1) for band 0, normalised by sqrt((10 t^2 + 3) / 13): an independent Monte-Carlo of g0.
     t = torch.exp2(torch.randn(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
-    expected = (t / torch.sqrt((10 * t ** 2 + 3) / 13)) ** 2
+    expected = (t / torch.sqrt((10 * t**2 + 3) / 13)) ** 2
     assert abs(g0.mean().item() - expected.mean().item()) < 5 * expected.std().item() / math.sqrt(n)
 
 
@@ -379,7 +392,7 @@ def test_cutout_rate_size_and_area():
     u = (np.arange(size) + 0.5) / size
     per_axis = np.mean(np.minimum(1, u + 0.25) - np.maximum(0, u - 0.25))
     area = cut[hit].float().mean().item()  # mean cut fraction of the images that were cut
-    assert abs(area - per_axis ** 2) < 0.01  # per-image area sd ~0.08, se over ~2000 images ~0.002
+    assert abs(area - per_axis**2) < 0.01  # per-image area sd ~0.08, se over ~2000 images ~0.002
 
 
 def test_ada_rejects_other_channel_counts():
@@ -601,7 +614,7 @@ def test_diffaugment_translation_range_and_zero_padding():
 
     def shifted(dy, dx):  # out[i, j] = x[i + dy, j + dx], zero outside
         padded = F.pad(x, [2, 2, 2, 2])
-        return padded[:, :, 2 + dy:18 + dy, 2 + dx:18 + dx]
+        return padded[:, :, 2 + dy : 18 + dy, 2 + dx : 18 + dx]
 
     matches = torch.stack([(y == shifted(dy, dx)).all(dim=(1, 2, 3)) for dy, dx in shifts], 1)
     assert bool((matches.sum(1) == 1).all())
@@ -634,13 +647,47 @@ def test_diffaugment_is_twice_differentiable():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# build_augmentation and the config group
+# The registry, build_augmentation and the config group
+
+#: The options (and their types) of the YAML files the config schemas replaced: the training fingerprint of a
+#: configuration hashes them, so the schemas' defaults must be exactly these.
+HISTORIC_DEFAULTS = {
+    "noaug": {"name": "noaug"},
+    "ada": {
+        "name": "ada",
+        "pipeline": "bgcfnc",
+        "target": 0.6,
+        "interval": 4,
+        "speed_kimg": 500,
+        "p": 0.0,
+        "adaptive": True,
+        "strengths": {},
+    },
+    "apa": {"name": "apa", "target": 0.6, "interval": 4, "speed_kimg": 500, "p": 0.0, "adaptive": True},
+    "diffaugment": {"name": "diffaugment", "policy": "color,translation,cutout"},
+}
 
 
-@pytest.mark.parametrize("name,cls", [("noaug", Augmentation), ("ada", ADA), ("apa", APA),
-                                      ("diffaugment", DiffAugment)])
-def test_config_files_build_their_augmentation(name, cls):
-    cfg = OmegaConf.load(os.path.join(CONF, f"{name}.yaml"))
+def _typed(d):
+    return {k: (type(v).__name__, _typed(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def test_every_builtin_augmentation_is_registered_with_its_historic_defaults():
+    assert AUGMENTATIONS.names() == sorted(HISTORIC_DEFAULTS)
+    for entry in AUGMENTATIONS:
+        node = OmegaConf.to_container(OmegaConf.structured(entry.config))  # what the config group holds
+        assert _typed(node) == _typed(HISTORIC_DEFAULTS[entry.name]), entry.name
+        assert _typed(augmentation_options({"name": entry.name})) == _typed(HISTORIC_DEFAULTS[entry.name])
+        assert entry.obj.name == entry.name
+
+
+@pytest.mark.parametrize(
+    "name,cls", [("noaug", Augmentation), ("ada", ADA), ("apa", APA), ("diffaugment", DiffAugment)]
+)
+@pytest.mark.parametrize("form", ["dataclass", "DictConfig", "mapping"])
+def test_registered_configs_build_their_augmentation(name, cls, form):
+    schema = AUGMENTATIONS.get(name).config
+    cfg = {"dataclass": schema(), "DictConfig": OmegaConf.structured(schema), "mapping": {"name": name}}[form]
     aug = build_augmentation(cfg)
     assert type(aug) is cls and aug.name == name
     if name in ("ada", "apa"):
@@ -663,19 +710,24 @@ def test_pipeline_policy_and_strength_overrides_are_taken_from_cfg():
     assert type(build_augmentation(None)) is Augmentation
 
 
-@pytest.mark.parametrize("cfg,match", [
-    ({"name": "augmix"}, "noaug, ada, apa, diffaugment"),
-    ({"name": "ada", "pipeline": "bgcx"}, "bgcfnc"),
-    ({"name": "ada", "strengths": {"warp": 1}}, "xflip"),
-    ({"name": "ada", "p": 1.5}, r"\[0, 1\]"),
-    ({"name": "apa", "p": -0.1}, r"\[0, 1\]"),
-    ({"name": "apa", "target": 2}, r"\[0, 1\]"),
-    ({"name": "apa", "interval": 0}, "positive integer"),
-    ({"name": "apa", "speed_kimg": 0}, "> 0"),
-    ({"name": "apa", "adaptive": "yes"}, "true or false"),
-    ({"name": "apa", "pipeline": "bgc"}, "valid keys"),
-    ({"name": "diffaugment", "policy": "color,flip"}, "color, translation, cutout"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"name": "augmix"}, "ada, apa, diffaugment, noaug"),
+        ({"name": "ada", "pipeline": "bgcx"}, "bgcfnc"),
+        ({"name": "ada", "strengths": {"warp": 1}}, "xflip"),
+        ({"name": "ada", "p": 1.5}, r"\[0, 1\]"),
+        ({"name": "apa", "p": -0.1}, r"\[0, 1\]"),
+        ({"name": "apa", "target": 2}, r"\[0, 1\]"),
+        ({"name": "apa", "interval": 0}, "positive integer"),
+        ({"name": "apa", "speed_kimg": 0}, "> 0"),
+        ({"name": "apa", "adaptive": "yes"}, "true or false"),
+        ({"name": "apa", "pipeline": "bgc"}, "valid keys"),
+        ({"name": "diffaugment", "policy": "color,flip"}, "color, translation, cutout"),
+        ({"name": "diffaugment", "policy": 3}, "comma-separated string or a list"),
+        ({"name": "ada", "strengths": ["cutout"]}, "mapping like"),
+    ],
+)
 def test_bad_configs_raise_config_error(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_augmentation(cfg)
@@ -708,3 +760,67 @@ def test_ada_on_gpu_matches_cpu_resampling_and_supports_r1():
     (r1,) = torch.autograd.grad(disc(aug(xi)).sum(), xi, create_graph=True)
     r1.square().sum().backward()
     assert torch.isfinite(disc.weight.grad).all() and disc.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# One file is enough for a new augmentation: this module registers one and trains with it.
+@dataclass
+class ToyNoiseConfig:
+    """Gaussian noise of standard deviation ``sigma`` on every image D sees."""
+
+    name: str = "toy_noise"
+    sigma: float = 0.1  # standard deviation, in the [-1, 1] units of the images
+
+
+class ToyNoise(Augmentation):
+    """Registered by the fixture below (and removed after the test): a class and its config dataclass are all."""
+
+    name = "toy_noise"
+    calls = 0
+
+    def __init__(self, sigma: float = 0.1) -> None:
+        super().__init__()
+        if not sigma >= 0:
+            raise ConfigError(f"augmentation.sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return images + self.sigma * torch.randn_like(images)
+
+
+@pytest.fixture
+def toy_augmentation():
+    AUGMENTATIONS.register("toy_noise", config=ToyNoiseConfig)(ToyNoise)
+    ToyNoise.calls = 0
+    try:
+        yield ToyNoise
+    finally:
+        AUGMENTATIONS.remove("toy_noise")
+
+
+def test_an_augmentation_registered_in_one_file_trains(toy_augmentation, compose_cfg, one_cpu_thread):
+    """The real training path (fingerprint, folder, LightningModule under Lightning's Trainer, checkpoint) with an
+    augmentation that exists only in this test module."""
+    from omegaconf import open_dict
+
+    from fidmed.data.datamodule import build_dataset
+    from fidmed.gan.module import StyleGAN2Module
+    from fidmed.gan.train import train_or_reuse
+    from fidmed.tracking import Tracker
+
+    assert "toy_noise" in AUGMENTATIONS.names()
+    assert augmentation_options({"name": "toy_noise"}) == {"name": "toy_noise", "sigma": 0.1}
+    with pytest.raises(ConfigError, match="valid keys: sigma"):
+        build_augmentation({"name": "toy_noise", "sigma2": 1})
+    cfg = compose_cfg(["experiment=smoke", "logger=none", "schedule.kimg=0.024"])
+    with open_dict(cfg):
+        cfg.augmentation = OmegaConf.structured(ToyNoiseConfig(sigma=0.05))
+    final = train_or_reuse(cfg, build_dataset(cfg.modality), Tracker())
+    assert toy_augmentation.calls > 0  # D saw augmented images: the training loop used it
+    assert torch.load(final, weights_only=True)["images_seen"] == 24
+    assert final.parent.name.startswith("phantom-toy_noise-")
+    recorded = json.loads((final.parent / "fingerprint.json").read_text())["augmentation"]
+    assert recorded == {"name": "toy_noise", "sigma": 0.05}
+    module = StyleGAN2Module.load_from_checkpoint(final.parent / "checkpoints" / "last.ckpt")
+    assert type(module.augment) is toy_augmentation and module.augment.sigma == 0.05

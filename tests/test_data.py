@@ -41,6 +41,7 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 # -- folder dataset --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cache", ["memory", "none", "disk"])
 def test_folder_loads_sorted_uint8(tmp_path: Path, cache: str) -> None:
     data = tmp_path / "data"
@@ -205,26 +206,38 @@ def test_manifest_hash_tracks_files(tmp_path: Path) -> None:
 
 # -- factory ------------------------------------------------------------------------------------------------------
 
+
 def test_build_dataset_kinds(tmp_path: Path) -> None:
-    phantom = build_dataset({"name": "phantom", "kind": "phantom", "resolution": 16, "num_images": 4, "seed": 1,
-                             "channels": 1, "augment_pipe": "ignored"})
+    phantom = build_dataset(
+        {
+            "name": "phantom",
+            "kind": "phantom",
+            "resolution": 16,
+            "num_images": 4,
+            "seed": 1,
+            "channels": 1,
+            "augment_pipe": "ignored",
+        }
+    )
     assert isinstance(phantom, PhantomDataset) and len(phantom) == 4 and phantom.seed == 1
     assert build_dataset({"kind": "phantom", "resolution": 8, "num_images": 2, "data_seed": 5}).seed == 5
     expected = _write_grey_folder(tmp_path, count=2)
-    folder = build_dataset({"name": "ct", "kind": "folder", "path": str(tmp_path), "resolution": 16,
-                            "channels": None})
+    folder = build_dataset({"name": "ct", "kind": "folder", "path": str(tmp_path), "resolution": 16, "channels": None})
     assert isinstance(folder, ImageFolderDataset) and folder.name == "ct"
     np.testing.assert_array_equal(folder[0][0].numpy(), expected[0])
 
 
-@pytest.mark.parametrize("cfg, match", [
-    ({"name": "x", "kind": "zip", "resolution": 16}, "unknown dataset kind"),
-    ({"name": "x", "resolution": 16}, "unknown dataset kind"),
-    ({"name": "x", "kind": "folder", "resolution": 16}, "path"),
-    ({"name": "x", "kind": "phantom", "resolution": 16}, "num_images"),
-    ({"name": "x", "kind": "phantom", "resolution": 16, "num_images": 4, "channels": 3}, "channels"),
-    ({"name": "x", "kind": "phantom", "resolution": 24, "num_images": 4}, "power of two"),
-])
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"name": "x", "kind": "zip", "resolution": 16}, "unknown dataset kind"),
+        ({"name": "x", "resolution": 16}, "unknown dataset kind"),
+        ({"name": "x", "kind": "folder", "resolution": 16}, "path"),
+        ({"name": "x", "kind": "phantom", "resolution": 16}, "num_images"),
+        ({"name": "x", "kind": "phantom", "resolution": 16, "num_images": 4, "channels": 3}, "channels"),
+        ({"name": "x", "kind": "phantom", "resolution": 24, "num_images": 4}, "power of two"),
+    ],
+)
 def test_build_dataset_config_errors(cfg: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         build_dataset(cfg)
@@ -238,6 +251,7 @@ def test_build_dataset_accepts_omegaconf() -> None:
 
 # -- sampler, x-flip, DataModule ------------------------------------------------------------------------------------
 
+
 def _take(sampler: InfiniteSampler, count: int) -> list[int]:
     iterator = iter(sampler)
     return [next(iterator) for _ in range(count)]
@@ -247,8 +261,8 @@ def test_sampler_epochs_are_seeded_permutations() -> None:
     n = 10
     stream = _take(InfiniteSampler(n, seed=3), 3 * n)
     for epoch in range(3):
-        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
-    assert stream[:n] != stream[n:2 * n]  # reshuffled each epoch
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n : 2 * n]  # reshuffled each epoch
     assert _take(InfiniteSampler(n, seed=3), 3 * n) == stream
     assert _take(InfiniteSampler(n, seed=4), 3 * n) != stream
     assert _take(InfiniteSampler(n, seed=3, start=7), 20) == stream[7:27]
@@ -261,7 +275,7 @@ def test_sampler_shards_are_disjoint_and_cover_each_epoch(n: int) -> None:
     sizes = [len(range(rank, n, 2)) for rank in range(2)]
     streams = [_take(InfiniteSampler(n, rank=rank, world_size=2, seed=1), 3 * sizes[rank]) for rank in range(2)]
     for epoch in range(3):
-        shards = [set(streams[r][epoch * sizes[r]:(epoch + 1) * sizes[r]]) for r in range(2)]
+        shards = [set(streams[r][epoch * sizes[r] : (epoch + 1) * sizes[r]]) for r in range(2)]
         assert len(shards[0]) == sizes[0] and len(shards[1]) == sizes[1]
         assert shards[0].isdisjoint(shards[1])
         assert shards[0] | shards[1] == set(range(n))
@@ -296,7 +310,7 @@ def test_datamodule_batches_follow_the_sampler() -> None:
     for step in range(5):  # past the end of the first epoch: the loader is endless
         batch = next(batches)
         assert batch.dtype == torch.uint8 and batch.shape == (4, 1, 16, 16)
-        np.testing.assert_array_equal(batch.numpy(), reference[order[4 * step:4 * step + 4]])
+        np.testing.assert_array_equal(batch.numpy(), reference[order[4 * step : 4 * step + 4]])
 
 
 def test_datamodule_from_config_and_rank_override() -> None:
@@ -329,14 +343,22 @@ def test_datamodule_runs_under_lightning_with_max_steps() -> None:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     model = Recorder()
-    trainer = lightning.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module = ImageDataModule({"name": "p", "kind": "phantom", "resolution": 8, "num_images": 3}, batch_size=2)
     trainer.fit(model, datamodule=module)
     assert model.shapes == [((2, 1, 8, 8), torch.uint8)] * 5  # 5 steps from 3 images: the loader never ends
 
 
 # -- evaluation batches ----------------------------------------------------------------------------------------------
+
 
 def test_iter_batches_sequential(tmp_path: Path) -> None:
     expected = np.stack(_write_grey_folder(tmp_path, count=5))[:, None]

@@ -3,19 +3,12 @@
 import argparse
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from fidmed.evaluation.cli import add_evaluate_parser, build_cli_extractors
+from fidmed.evaluation.cli import add_evaluate_parser
+from fidmed.features.registry import build_extractor
 
-
-def _folder(path, n, seed):
-    path.mkdir()
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(path / f"{i:03d}.png")
-    return path
+from helpers.images import png_folder
 
 
 def _parser():
@@ -30,11 +23,33 @@ def test_evaluate_folder_vs_folder(tmp_path, capsys):
     from fidmed.evaluation.evaluator import Evaluator
     from fidmed.evaluation.sources import DatasetSource
 
-    gen, real = _folder(tmp_path / "gen", 7, 1), _folder(tmp_path / "real", 9, 2)
+    gen, real = png_folder(tmp_path / "gen", 7, 1), png_folder(tmp_path / "real", 9, 2)
     out = tmp_path / "res.json"
-    args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "inception_tf", "--metrics",
-                                 "fd", "rfd", "prdc", "--knn-k", "2", "--weights", "random", "--device", "cpu",
-                                 "--num-gen", "6", "--out", str(out), "--batch-size", "4"])
+    args = _parser().parse_args(
+        [
+            "evaluate",
+            str(gen),
+            str(real),
+            "--extractor",
+            "inception_tf",
+            "--metrics",
+            "fd",
+            "rfd",
+            "prdc",
+            "--set",
+            "prdc.k=2",
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--num-gen",
+            "6",
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+        ]
+    )
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "RANDOM-INIT" in text and "inception_tf" in text
@@ -44,9 +59,14 @@ def test_evaluate_folder_vs_folder(tmp_path, capsys):
     assert all(r["protocol"]["n_gen"] == 6 and r["protocol"]["n_real"] == 9 for r in res)
     assert res[2]["details"]["k"] == 2 and res[2]["protocol"]["forward_precision"] == "fp32"
     # the same numbers from the engine directly
-    ex = build_cli_extractors(["inception_tf"], "random", None)
-    ev = Evaluator(ex, DatasetSource(ImageFolderDataset(real)), device="cpu", metrics=["fd", "rfd", "prdc"],
-                   knn_k=2)
+    ex = [build_extractor({"name": "inception_tf", "weights_source": "random"}, allow_random=True)]
+    ev = Evaluator(
+        ex,
+        DatasetSource(ImageFolderDataset(real)),
+        device="cpu",
+        metrics=["fd", "rfd", "prdc"],
+        metric_options={"prdc": {"k": 2}},
+    )
     direct = ev.evaluate(DatasetSource(ImageFolderDataset(gen), 6))
     assert [r["value"] for r in res] == pytest.approx([r.value for r in direct], rel=1e-9)
 
@@ -54,16 +74,43 @@ def test_evaluate_folder_vs_folder(tmp_path, capsys):
 def test_evaluate_errors(tmp_path):
     from fidmed.errors import FidmedError
 
-    gen, real = _folder(tmp_path / "gen", 3, 1), _folder(tmp_path / "real", 5, 2)
-    args = _parser().parse_args(["evaluate", str(gen), str(real), "--weights", "random", "--device", "cpu",
-                                 "--num-gen", "4", "--extractor", "inception_tf"])
+    gen, real = png_folder(tmp_path / "gen", 3, 1), png_folder(tmp_path / "real", 5, 2)
+    args = _parser().parse_args(
+        [
+            "evaluate",
+            str(gen),
+            str(real),
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--num-gen",
+            "4",
+            "--extractor",
+            "inception_tf",
+        ]
+    )
     with pytest.raises(FidmedError, match="4 images were requested .* holds only 3"):
         args.func(args)
     args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "nope"])
     with pytest.raises(FidmedError, match="unknown extractor"):
         args.func(args)
-    args = _parser().parse_args(["evaluate", str(tmp_path / "x.txt"), str(real), "--weights", "random",
-                                 "--device", "cpu", "--extractor", "inception_tf"])
+    args = _parser().parse_args(
+        [
+            "evaluate",
+            str(tmp_path / "x.txt"),
+            str(real),
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--extractor",
+            "inception_tf",
+        ]
+    )
+    with pytest.raises(FidmedError, match="x.txt does not exist"):
+        args.func(args)
+    (tmp_path / "x.txt").write_text("not images")
     with pytest.raises(FidmedError, match="neither a folder of images nor a generator file"):
         args.func(args)
 
@@ -71,17 +118,46 @@ def test_evaluate_errors(tmp_path):
 def test_resizer_override_is_used_and_recorded(tmp_path):
     from fidmed.errors import ConfigError
 
-    gen, real = _folder(tmp_path / "gen", 4, 1), _folder(tmp_path / "real", 5, 2)
+    gen, real = png_folder(tmp_path / "gen", 4, 1), png_folder(tmp_path / "real", 5, 2)
     out = tmp_path / "res.json"
-    args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "resnet", "--weights", "random",
-                                 "--device", "cpu", "--resizer", "torch_bilinear", "--out", str(out),
-                                 "--num-workers", "2"])
+    args = _parser().parse_args(
+        [
+            "evaluate",
+            str(gen),
+            str(real),
+            "--extractor",
+            "resnet",
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--resizer",
+            "torch_bilinear",
+            "--out",
+            str(out),
+            "--num-workers",
+            "2",
+        ]
+    )
     assert args.func(args) == 0
     res = json.loads(out.read_text())["results"]
     assert {r["protocol"]["resizer"] for r in res} == {"torch_bilinear"}
-    default = build_cli_extractors(["resnet"], "random", None)[0]
+    default = build_extractor({"name": "resnet", "weights_source": "random"}, allow_random=True)
     assert default.preprocessing.resizer == "clean"  # the override did not leak into the registry's config
-    args = _parser().parse_args(["evaluate", str(gen), str(real), "--extractor", "resnet", "--weights", "random",
-                                 "--device", "cpu", "--resizer", "bilinear"])
+    args = _parser().parse_args(
+        [
+            "evaluate",
+            str(gen),
+            str(real),
+            "--extractor",
+            "resnet",
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--resizer",
+            "bilinear",
+        ]
+    )
     with pytest.raises(ConfigError, match="unknown resizer 'bilinear'; choose one of .*torch_bilinear"):
         args.func(args)

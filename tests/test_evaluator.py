@@ -30,8 +30,9 @@ class ToyExtractor(torch.nn.Module):
 
     def forward(self, x):
         # float64 inside, float32 out: features independent of the batch composition (float32 BLAS is not)
-        return torch.tanh(torch.nn.functional.linear(x.flatten(1).double() / 255, self.lin.weight.double(),
-                                                     self.lin.bias.double())).float()
+        return torch.tanh(
+            torch.nn.functional.linear(x.flatten(1).double() / 255, self.lin.weight.double(), self.lin.bias.double())
+        ).float()
 
 
 class ToyDataset(torch.utils.data.Dataset):
@@ -62,7 +63,11 @@ class ToyGenerator(torch.nn.Module):
     def forward(self, z, c, truncation_psi=1.0, noise_mode="const"):
         # float64 inside: each image independent of the batch it is made in (float32 BLAS results depend on the
         # batch composition in the last bit, which uint8 truncation can turn into a one-level pixel flip)
-        return torch.tanh(z.double() @ self.w.double()).float().reshape(len(z), self.img_channels, self.img_resolution, self.img_resolution)
+        return (
+            torch.tanh(z.double() @ self.w.double())
+            .float()
+            .reshape(len(z), self.img_channels, self.img_resolution, self.img_resolution)
+        )
 
 
 def _extractors():
@@ -88,8 +93,15 @@ def _by(records):
 
 def test_records_equal_direct_per_extractor_computation(tmp_path):
     real, gen = ToyDataset(37, 0), ToyDataset(29, 1, name="gen")
-    ev = Evaluator(_extractors(), DatasetSource(real), cache_dir=tmp_path, batch_size=8, device="cpu",
-                   metrics=["fd", "rfd", "prdc", "kid", "fd_inf"], knn_k=3, kid_subsets=4, kid_subset_size=10)
+    ev = Evaluator(
+        _extractors(),
+        DatasetSource(real),
+        cache_dir=tmp_path,
+        batch_size=8,
+        device="cpu",
+        metrics=["fd", "rfd", "prdc", "kid", "fd_inf"],
+        metric_options={"prdc": {"k": 3}, "kid": {"subsets": 4, "subset_size": 10}},
+    )
     recs = _by(ev.evaluate(DatasetSource(gen)))
     for ex in _extractors():
         fr, fg = _features(ex, real.images), _features(ex, gen.images)
@@ -169,8 +181,9 @@ def test_nan_features_name_extractor_and_batch():
 def test_bf16_runs_and_is_recorded():
     class Fp32Ex(ToyExtractor):
         def forward(self, x):  # a float32 matmul, which autocast runs in bfloat16
-            return torch.tanh(torch.nn.functional.linear(x.flatten(1) / 255, self.lin.weight.float(),
-                                                         self.lin.bias.float()))
+            return torch.tanh(
+                torch.nn.functional.linear(x.flatten(1) / 255, self.lin.weight.float(), self.lin.bias.float())
+            )
 
     real, gen = ToyDataset(16, 0), ToyDataset(16, 1)
     exs = [Fp32Ex("a", 6, 1)]
@@ -189,10 +202,20 @@ METRICS = ["fd", "rfd", "prdc", "kid", "fd_inf"]
 
 
 def _run(cache_dir, gen_kind):
-    ev = Evaluator(_extractors(), DatasetSource(ToyDataset(N_REAL, 0)), cache_dir=cache_dir, batch_size=5,
-                   device="cpu", metrics=METRICS, knn_k=3, kid_subsets=3, kid_subset_size=10)
-    gen = GeneratorSource(ToyGenerator(), N_GEN, seed_start=3) if gen_kind == "gen" else \
-        DatasetSource(ToyDataset(N_GEN, 1))
+    ev = Evaluator(
+        _extractors(),
+        DatasetSource(ToyDataset(N_REAL, 0)),
+        cache_dir=cache_dir,
+        batch_size=5,
+        device="cpu",
+        metrics=METRICS,
+        metric_options={"prdc": {"k": 3}, "kid": {"subsets": 3, "subset_size": 10}},
+    )
+    gen = (
+        GeneratorSource(ToyGenerator(), N_GEN, seed_start=3)
+        if gen_kind == "gen"
+        else DatasetSource(ToyDataset(N_GEN, 1))
+    )
     recs = ev.evaluate(gen)
     from_cache = all(s.from_cache for s in ev.real_stats().values())
     return [(r.extractor, r.metric, r.value) for r in recs], from_cache
@@ -236,13 +259,17 @@ def test_two_gloo_processes_equal_single_process(tmp_path, gen_kind):
 # ------------------------------------------------------------------------- single pass and input pipeline
 def test_single_pass_equals_separate_passes_bit_for_bit(tmp_path):
     """All extractors in one pass give exactly the numbers of one evaluation per extractor (fp32, CPU)."""
-    from fidmed.evaluation.cli import build_cli_extractors
+    from fidmed.features.registry import build_extractor
 
     real, gen = ToyDataset(14, 0, size=24), ToyDataset(12, 1, size=24, name="gen")
     # a real network (random-init TF-Inception, float32 BLAS) besides the toy ones
-    exs = _extractors() + build_cli_extractors(["inception_tf"], "random", None)
-    kw = dict(batch_size=5, device="cpu", metrics=["fd", "rfd", "prdc", "kid"], knn_k=3, kid_subsets=3,
-              kid_subset_size=5)
+    exs = _extractors() + [build_extractor({"name": "inception_tf", "weights_source": "random"}, allow_random=True)]
+    kw = dict(
+        batch_size=5,
+        device="cpu",
+        metrics=["fd", "rfd", "prdc", "kid"],
+        metric_options={"prdc": {"k": 3}, "kid": {"subsets": 3, "subset_size": 5}},
+    )
     together = _by(Evaluator(exs, DatasetSource(real), **kw).evaluate(DatasetSource(gen)))
     for ex in exs:
         alone = _by(Evaluator([ex], DatasetSource(real), **kw).evaluate(DatasetSource(gen)))
@@ -291,8 +318,9 @@ def test_pipeline_reraises_source_errors_and_stops_its_thread():
     ds = _CountingDataset(30, 0)
     ds.fail_at = 17
     before = threading.active_count()
-    it = prepared_batches(DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"),
-                          workers=2)
+    it = prepared_batches(
+        DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"), workers=2
+    )
     got = []
     with pytest.raises(OSError, match="cannot read image 17"):
         for b in it:
@@ -300,8 +328,9 @@ def test_pipeline_reraises_source_errors_and_stops_its_thread():
     assert np.concatenate(got).tolist() == list(range(15))  # the batches before the bad one came through, in order
     # a consumer that stops early (e.g. an extractor error) stops the reader too
     ds.fail_at = None
-    it = prepared_batches(DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"),
-                          workers=2, prefetch=1)
+    it = prepared_batches(
+        DatasetSource(ds), 5, range(30), [Preprocessing("nearest", 8)], torch.device("cpu"), workers=2, prefetch=1
+    )
     next(it)
     it.close()
     assert threading.active_count() == before
@@ -309,7 +338,7 @@ def test_pipeline_reraises_source_errors_and_stops_its_thread():
 
 def test_evaluator_results_do_not_depend_on_workers():
     real = DatasetSource(ToyDataset(21, 0))
-    kw = dict(batch_size=4, device="cpu", metrics=["fd", "rfd", "prdc"], knn_k=3)
+    kw = dict(batch_size=4, device="cpu", metrics=["fd", "rfd", "prdc"], metric_options={"prdc": {"k": 3}})
     gen = GeneratorSource(ToyGenerator(), 17, seed_start=2)
     base = _by(Evaluator(_extractors(), real, num_workers=0, **kw).evaluate(gen))
     threaded = _by(Evaluator(_extractors(), real, num_workers=3, prefetch=3, **kw).evaluate(gen))
@@ -343,8 +372,12 @@ def test_evaluation_killed_while_writing_the_cache_leaves_no_cache_file(tmp_path
     from pathlib import Path
 
     cache = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(cache), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(cache), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not list(cache.glob("real-*.npz"))  # only an orphaned temporary file may remain, never a cache file
     # the next evaluation computes the statistics, writes a complete cache file, and a later one reads it

@@ -15,7 +15,6 @@ from fidmed.metrics.fd import (
     frechet_distance_from_features,
     frechet_distance_from_moments,
     frechet_distance_stats,
-    relative_fd,
 )
 from fidmed.metrics.moments import StreamingMoments
 
@@ -92,6 +91,7 @@ def _mp_reference(a: np.ndarray, b: np.ndarray, dps: int = 50) -> tuple[float, f
     that is 0 in exact arithmetic comes out below 1e-50 relative, so its square root costs at most ~1e-25.
     """
     with mpmath.workdps(dps):
+
         def centred(x: np.ndarray):
             n, d = x.shape
             m = mpmath.matrix(x.tolist())
@@ -132,8 +132,16 @@ def _classic_fd(a: np.ndarray, b: np.ndarray) -> float:
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(wm, 0, None)).sum())
 
 
-def _set(n: int, d: int, seed: int, rank: int | None = None, constant: int = 0, dead: int = 0,
-         duplicates: int = 0, offset: float = 0.0) -> np.ndarray:
+def _set(
+    n: int,
+    d: int,
+    seed: int,
+    rank: int | None = None,
+    constant: int = 0,
+    dead: int = 0,
+    duplicates: int = 0,
+    offset: float = 0.0,
+) -> np.ndarray:
     """Features with a decaying spectrum; optionally confined to a random rank-``rank`` subspace, with
     ``constant`` features fixed at a non-zero value, ``dead`` features at exactly 0 (dead ReLU units) and the
     first ``duplicates`` rows repeated (the same image twice)."""
@@ -143,7 +151,7 @@ def _set(n: int, d: int, seed: int, rank: int | None = None, constant: int = 0, 
     x = (rng.standard_normal((n - duplicates, r)) * (1.0 + np.arange(r)) ** -0.7) @ basis.T
     x = np.concatenate([x, x[:duplicates]]) + offset + 0.1 * rng.standard_normal(d)
     x[:, :dead] = 0.0
-    x[:, dead:dead + constant] = rng.uniform(0.05, 2.0, constant)
+    x[:, dead : dead + constant] = rng.uniform(0.05, 2.0, constant)
     return x
 
 
@@ -268,13 +276,16 @@ def test_an_fd_is_never_negative_and_keeps_its_signed_value() -> None:
     """FD of a set against itself is 0 (rounding can make the signed sum -1e-16: value clips it, raw keeps it)."""
     for seed in range(20):
         x = _set(3 * D, D, seed)
-        for res in (frechet_distance_from_features(x, x), frechet_distance_stats(*_stats(x), *_stats(x)),
-                    frechet_distance_from_features(x[:5], x[:5])):
+        for res in (
+            frechet_distance_from_features(x, x),
+            frechet_distance_stats(*_stats(x), *_stats(x)),
+            frechet_distance_from_features(x[:5], x[:5]),
+        ):
             scale = res.mean_term + res.trace1 + res.trace2
             assert res.value >= 0.0 and res.value == max(res.raw, 0.0)
             assert abs(res.raw) < RTOL_SCALE * scale
     # the clip acts on the signed sum only: a constructed negative sum reads 0 with its raw value kept
-    fd = frechet_distance_stats(np.zeros(1), np.eye(1) * (1 + 2 ** -52), np.zeros(1), np.eye(1))
+    fd = frechet_distance_stats(np.zeros(1), np.eye(1) * (1 + 2**-52), np.zeros(1), np.eye(1))
     assert fd.value >= 0.0 and fd.raw == fd.mean_term + fd.trace1 + fd.trace2 - 2 * fd.trace_sqrt
 
 
@@ -295,12 +306,19 @@ def test_errors_one_sample_and_non_psd() -> None:
         frechet_distance_stats(mu, cov, mu, cov, n1=1, n2=10)
 
 
-def test_relative_fd_and_result_record() -> None:
+def test_relative_fd_metric_and_result_record() -> None:
+    """rfd = FD / FD(real half A, real half B), through the registered metric; NaN when the split FD is 0."""
+    from fidmed.metrics.base import METRICS, MetricInputs, MetricValue
+
     r = FDResult(12.0, "eigh", 10, 10, 4, 1.0, 6.0, 7.0, 1.0)
-    assert relative_fd(r, 4.0) == 3.0
     assert float(r) == 12.0 and r.as_dict()["route"] == "eigh"
-    with pytest.raises(FidmedError, match="positive"):
-        relative_fd(1.0, 0.0)
+    a, b = _moments(_set(40, 4, seed=1), False), _moments(_set(40, 4, seed=2), False)
+    split = frechet_distance_from_moments(a, b).value
+    inputs = MetricInputs(a, a, (a, b), torch.device("cpu"), 0, results={"fd": MetricValue("fd", 3.0)})
+    (rfd,) = METRICS.get("rfd").obj(inputs)
+    assert rfd.value == 3.0 / split and rfd.details["fd_real_split"] == split
+    same = MetricInputs(a, a, (a, a), torch.device("cpu"), 0, results={"fd": MetricValue("fd", 3.0)})
+    assert np.isnan(METRICS.get("rfd").obj(same)[0].value)
 
 
 def test_mixed_route_equals_the_nuclear_route_when_only_the_small_set_kept_features():

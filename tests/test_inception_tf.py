@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fidmed.errors import FidmedError
-from fidmed.features.inception_tf import FIDInceptionV3, load_fid_inception_weights
+from fidmed.features.extractors.inception_tf import FIDInceptionV3, load_fid_inception_weights
 from fidmed.features.registry import build_extractor
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor" / "inception_tf.yaml"
+from conftest import extractor_cfg
 
 
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -43,18 +41,19 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def _config_for(path: Path) -> dict:
-    """The real inception_tf config, pointed at a local test weights file."""
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF), resolve=True)
-    cfg["weights"] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return cfg
+def _config_for(path: Path, **over):
+    """The registered inception_tf, pointed at a local test weights file."""
+    return extractor_cfg("inception_tf", path, **over)
 
 
 def test_features_equal_pytorch_fid(weights_file: Path, monkeypatch) -> None:
     pfid = pytest.importorskip("pytorch_fid.inception")
     # pytorch-fid builds its FID network with load_state_dict_from_url(FID_WEIGHTS_URL): hand it the test weights
-    monkeypatch.setattr(pfid, "load_state_dict_from_url",
-                        lambda *a, **k: torch.load(weights_file, map_location="cpu", weights_only=True))
+    monkeypatch.setattr(
+        pfid,
+        "load_state_dict_from_url",
+        lambda *a, **k: torch.load(weights_file, map_location="cpu", weights_only=True),
+    )
     reference = pfid.InceptionV3([3], resize_input=False, normalize_input=True).eval()
     ours = build_extractor(_config_for(weights_file), weights_dir=weights_file.parent)
     assert ours.feature_dim == 2048 and ours.preprocessing.key == "clean-299-RGB"
@@ -77,12 +76,13 @@ def test_torch_bilinear_resizer_reproduces_pytorch_fid_at_256_px(weights_file: P
     pfid = pytest.importorskip("pytorch_fid.inception")
     from fidmed.features.preprocess import preprocess
 
-    monkeypatch.setattr(pfid, "load_state_dict_from_url",
-                        lambda *a, **k: torch.load(weights_file, map_location="cpu", weights_only=True))
+    monkeypatch.setattr(
+        pfid,
+        "load_state_dict_from_url",
+        lambda *a, **k: torch.load(weights_file, map_location="cpu", weights_only=True),
+    )
     reference = pfid.InceptionV3([3], resize_input=True, normalize_input=True).eval()
-    cfg = _config_for(weights_file)
-    cfg["resizer"] = "torch_bilinear"
-    ours = build_extractor(cfg, weights_dir=weights_file.parent)
+    ours = build_extractor(_config_for(weights_file, resizer="torch_bilinear"), weights_dir=weights_file.parent)
     assert ours.preprocessing.key == "torch_bilinear-299-RGB"
     g = torch.Generator().manual_seed(1)
     grey = torch.randint(0, 256, (2, 1, 256, 256), generator=g, dtype=torch.uint8)
@@ -91,8 +91,12 @@ def test_torch_bilinear_resizer_reproduces_pytorch_fid_at_256_px(weights_file: P
         as_loaded = images.expand(-1, 3, -1, -1).float() / 255  # PIL convert("RGB") + ToTensor
         x = preprocess(images, ours.preprocessing)
         # the network input equals pytorch-fid's to within one float32 ulp
-        torch.testing.assert_close(x / 255.0, torch.nn.functional.interpolate(
-            as_loaded, size=(299, 299), mode="bilinear", align_corners=False), rtol=0, atol=6e-8)
+        torch.testing.assert_close(
+            x / 255.0,
+            torch.nn.functional.interpolate(as_loaded, size=(299, 299), mode="bilinear", align_corners=False),
+            rtol=0,
+            atol=6e-8,
+        )
         with torch.no_grad():
             ref = reference(as_loaded)[0].flatten(1)
             got = ours(x)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,30 +20,47 @@ import torch
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":  # keras was imported earlier in this process with another backend
-    pytest.skip(f"Keras parity tests need KERAS_BACKEND=torch, keras uses {keras.backend.backend()}",
-                allow_module_level=True)
+    pytest.skip(
+        f"Keras parity tests need KERAS_BACKEND=torch, keras uses {keras.backend.backend()}", allow_module_level=True
+    )
 h5py = pytest.importorskip("h5py")
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402  (Keras 2-style .h5 writer)
 
 from fidmed.errors import FidmedError  # noqa: E402
+from fidmed.features.extractors.keras_apps import build_keras_extractor, normalize  # noqa: E402
 from fidmed.features.keras.archs import ARCHS  # noqa: E402
 from fidmed.features.keras.h5 import h5_to_state_dict  # noqa: E402
-from fidmed.features.keras_nets import KERAS_EXTRACTORS, normalize  # noqa: E402
 from fidmed.features.preprocess import Preprocessing, preprocess  # noqa: E402
-from fidmed.features.registry import build_extractor  # noqa: E402
+from fidmed.features.registry import EXTRACTORS, build_extractor  # noqa: E402
+
+from conftest import extractor_cfg  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras 3's numpy-2 copy= warnings
 
 TOL = 1e-5
 FAST_SIZE = 75  # odd, and the smallest input Keras' InceptionV3/IRV2 accept; the slow tests add 224/237/299/512
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
-PREPROCESS_MODULE = {"inception_v3": "inception_v3", "resnet50": "resnet50", "densenet121": "densenet",
-                     "inception_resnet_v2": "inception_resnet_v2"}
+#: The registered Keras extractors: name -> ExtractorInfo (arch and normalization are options of the registration).
+KERAS_INFOS = {e.name: e.info for e in EXTRACTORS.entries() if e.obj is build_keras_extractor}
+PREPROCESS_MODULE = {
+    "inception_v3": "inception_v3",
+    "resnet50": "resnet50",
+    "densenet121": "densenet",
+    "inception_resnet_v2": "inception_resnet_v2",
+}
 # Keras layer class of each KerasGraph node kind
-KERAS_CLASS = {"input": "InputLayer", "conv": "Conv2D", "bn": "BatchNormalization", "relu": "Activation",
-               "max_pool": "MaxPooling2D", "avg_pool": "AveragePooling2D", "zero_pad": "ZeroPadding2D",
-               "concat": "Concatenate", "add": "Add", "scale_add": "CustomScaleLayer",
-               "gap": "GlobalAveragePooling2D"}
+KERAS_CLASS = {
+    "input": "InputLayer",
+    "conv": "Conv2D",
+    "bn": "BatchNormalization",
+    "relu": "Activation",
+    "max_pool": "MaxPooling2D",
+    "avg_pool": "AveragePooling2D",
+    "zero_pad": "ZeroPadding2D",
+    "concat": "Concatenate",
+    "add": "Add",
+    "scale_add": "CustomScaleLayer",
+    "gap": "GlobalAveragePooling2D",
+}
 
 
 def keras_model(arch: str, size: int):
@@ -174,8 +190,11 @@ def test_other_architecture_h5_is_refused(tmp_path):
     model = shared_keras_model("resnet50", 32)
     save_h5(model, tmp_path / "resnet.h5")
     # 106 and 188: the conv + BN layer counts of Keras' ResNet50 and InceptionV3 (test_layer_order checks the lists)
-    with pytest.raises(FidmedError, match=r"(?s)does not hold weights for InceptionV3.*"
-                                          r"106 layers with weights, InceptionV3 has 188.*layer #0: file 'conv1_conv'"):
+    with pytest.raises(
+        FidmedError,
+        match=r"(?s)does not hold weights for InceptionV3.*"
+        r"106 layers with weights, InceptionV3 has 188.*layer #0: file 'conv1_conv'",
+    ):
         h5_to_state_dict(ARCHS["inception_v3"].build(), tmp_path / "resnet.h5", "InceptionV3")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(FidmedError, match="not a readable HDF5"):
@@ -183,7 +202,7 @@ def test_other_architecture_h5_is_refused(tmp_path):
 
 
 def test_safetensors_conversion_loads_the_same(tmp_path):
-    from fidmed.features.keras_nets import convert_keras_h5, load_keras_weights
+    from fidmed.features.keras.loading import convert_keras_h5, load_keras_weights
 
     model = shared_keras_model("densenet121", 32)
     randomize(model, 9)
@@ -204,8 +223,9 @@ def test_swapped_layers_of_equal_shape_are_refused(tmp_path):
         i, j = names.index("conv2_block1_0_conv"), names.index("conv2_block1_3_conv")
         names[i], names[j] = names[j], names[i]
         f.attrs["layer_names"] = [n.encode() for n in names]
-    with pytest.raises(FidmedError, match="file has 'conv2_block1_3_conv' where Keras' layer order puts "
-                                          "'conv2_block1_0_conv'"):
+    with pytest.raises(
+        FidmedError, match="file has 'conv2_block1_3_conv' where Keras' layer order puts 'conv2_block1_0_conv'"
+    ):
         h5_to_state_dict(ARCHS["resnet50"].build(), tmp_path / "r.h5", "ResNet50")
 
 
@@ -215,7 +235,11 @@ def test_normalization_equals_preprocess_input(arch):
     x = np.random.default_rng(2).integers(0, 256, (2, 9, 11, 3)).astype(np.float32)
     module = getattr(keras.applications, PREPROCESS_MODULE[arch])
     ref = np.asarray(module.preprocess_input(x.copy()))
-    mode = {a: m for a, m in KERAS_EXTRACTORS.values() if m != "radimagenet"}[arch]
+    mode = {
+        i.options["arch"]: i.options["normalization"]
+        for i in KERAS_INFOS.values()
+        if i.options["normalization"] != "radimagenet"
+    }[arch]
     ours = normalize(torch.from_numpy(x).permute(0, 3, 1, 2), mode).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
 
@@ -255,29 +279,29 @@ def test_extractor_end_to_end_equals_keras(tmp_path):
     save_h5(model, weights / "random.h5", whole_model=True)
     img = np.random.default_rng(6).integers(0, 256, (61, 45, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "img.png")
-    loaded = keras.utils.img_to_array(keras.utils.load_img(tmp_path / "img.png", target_size=(size, size),
-                                                           interpolation="nearest"))
+    loaded = keras.utils.img_to_array(
+        keras.utils.load_img(tmp_path / "img.png", target_size=(size, size), interpolation="nearest")
+    )
     ref = np.asarray(model.predict(keras.applications.resnet50.preprocess_input(loaded[None]) / 255.0, verbose=0))
-    from fidmed.features.weights import sha256_of
+    import dataclasses
 
-    cfg = {"name": "radimagenet_resnet", "module": "fidmed.features.keras_nets", "feature_dim": 2048,
-           "input_size": size, "resizer": "nearest", "channels": "RGB", "arch": "resnet50",
-           "normalization": "radimagenet",
-           "weights": {"filename": "random.h5", "sha256": sha256_of(weights / "random.h5", use_cache=False)}}
-    ex = build_extractor(cfg, weights_dir=weights)
+    from fidmed.features.weights import WeightsFile, sha256_of
+
+    setup = extractor_cfg("radimagenet_resnet", weights / "random.h5", input_size=size)
+    ex = build_extractor(setup, weights_dir=weights)
     x = preprocess(torch.from_numpy(img.transpose(2, 0, 1)[None]), ex.preprocessing)
     with torch.no_grad():
         ours = ex(x).numpy()
     assert rel_err(ours, ref) <= TOL
-    assert ex.protocol()["weights"] == f"sha256:{cfg['weights']['sha256']}"
+    digest = sha256_of(weights / "random.h5", use_cache=False)
+    assert ex.protocol()["weights"] == f"sha256:{digest}"
 
-    unpinned = build_extractor({**cfg, "weights": {"filename": "random.h5", "sha256": None}}, weights_dir=weights)
-    assert unpinned.protocol()["weights"] == f"sha256:{cfg['weights']['sha256']} (unpinned)"
+    unpinned = build_extractor(dataclasses.replace(setup, weights=WeightsFile("random.h5", None)), weights_dir=weights)
+    assert unpinned.protocol()["weights"] == f"sha256:{digest} (unpinned)"
 
 
 def test_random_init_is_seeded_and_nontrivial():
-    cfg = {"name": "radimagenet_densenet", "feature_dim": 1024, "input_size": 40, "resizer": "nearest",
-           "weights_source": "random", "seed": 1}
+    cfg = {"name": "radimagenet_densenet", "input_size": 40, "weights_source": "random", "seed": 1}
     x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 255
     with torch.no_grad():
         a, b = build_extractor(cfg, allow_random=True)(x), build_extractor(cfg, allow_random=True)(x)
@@ -287,51 +311,87 @@ def test_random_init_is_seeded_and_nontrivial():
 
 
 def test_input_smaller_than_network_accepts():
-    cfg = {"name": "irv2", "feature_dim": 1536, "input_size": 64, "resizer": "nearest", "weights_source": "random"}
-    with pytest.raises(FidmedError, match="at least 75x75"):
+    cfg = {"name": "irv2", "input_size": 64, "weights_source": "random"}
+    with pytest.raises(FidmedError, match=r"at least 75x75.*extractor\.irv2\.input_size=75"):
         build_extractor(cfg, allow_random=True)
 
 
-# ------------------------------------------------------------------------------------------------ configs, import
-KERAS_CONFIGS = sorted(KERAS_EXTRACTORS)
+# ------------------------------------------------------------------------------------------------ registrations, import
+def test_eight_keras_extractors_are_registered():
+    assert sorted(KERAS_INFOS) == sorted(
+        [
+            "irv2",
+            "densenet",
+            "keras_inception",
+            "keras_resnet",
+            "radimagenet_inception",
+            "radimagenet_resnet",
+            "radimagenet_irv2",
+            "radimagenet_densenet",
+        ]
+    )
 
 
-@pytest.mark.parametrize("name", KERAS_CONFIGS)
-def test_config_agrees_with_code(name):
-    from omegaconf import OmegaConf
-
-    from fidmed.features.keras_nets import KNOWN_H5_FILES
-    from fidmed.features.registry import ExtractorSpec
-
-    path = REPO_CONF / f"{name}.yaml"
-    assert path.read_text().splitlines()[0] == f"# @package extractor.{name}"
-    cfg = OmegaConf.to_container(OmegaConf.load(path))
-    spec = ExtractorSpec.from_config(cfg)
-    arch, mode = KERAS_EXTRACTORS[name]
-    assert (cfg["arch"], cfg["normalization"]) == (arch, mode)
-    assert spec.feature_dim == ARCHS[arch].feature_dim
-    assert spec.preprocessing == Preprocessing("nearest", 512, "RGB")
-    assert KNOWN_H5_FILES[spec.weights.filename] == (arch, cfg.get("weights_md5"))
-    ex = build_extractor({**cfg, "weights_source": "random"}, allow_random=True)
-    assert ex.feature_dim == spec.feature_dim and ex.normalization == mode
+@pytest.mark.parametrize("name", sorted(KERAS_INFOS))
+def test_registration_agrees_with_code(name):
+    info = KERAS_INFOS[name]
+    arch, mode = info.options["arch"], info.options["normalization"]
+    assert info.feature_dim == ARCHS[arch].feature_dim
+    assert (info.resizer, info.input_size, info.channels) == ("nearest", 512, "RGB")
+    # Keras' ImageNet files carry Keras' published md5; RadImageNet publishes nothing; neither has a sha256
+    assert info.weights.sha256 is None and (info.weights.md5 is None) == (mode == "radimagenet")
+    assert info.weights.filename.endswith(".h5") and (bool(info.weights.urls) == (mode != "radimagenet"))
+    ex = build_extractor({"name": name, "weights_source": "random"}, allow_random=True)
+    assert ex.feature_dim == info.feature_dim and ex.normalization == mode and ex.arch_name == arch
 
 
 def test_import_checks_keras_h5(tmp_path):
-    from fidmed.features.weights import WeightsSpec, import_weights
+    from fidmed.features.registry import import_weights_file
 
-    specs = [WeightsSpec("RadImageNet-ResNet50_notop.h5", None),
-             WeightsSpec("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", None)]
     src = tmp_path / "src"
     src.mkdir()
     save_h5(shared_keras_model("resnet50", 32), src / "RadImageNet-ResNet50_notop.h5", whole_model=True)
-    spec, dest = import_weights(src / "RadImageNet-ResNet50_notop.h5", specs, tmp_path / "w")
-    assert dest == tmp_path / "w" / "RadImageNet-ResNet50_notop.h5" and dest.is_file()
+    done = import_weights_file(src / "RadImageNet-ResNet50_notop.h5", tmp_path / "w")
+    assert done.path == tmp_path / "w" / "RadImageNet-ResNet50_notop.h5" and done.path.is_file()
+    assert "loaded into RadImageNet ResNet50 (Keras): 2048-d features" in done.verified
 
     save_h5(keras_model("densenet121", 32), tmp_path / "RadImageNet-ResNet50_notop.h5")
     with pytest.raises(FidmedError, match="does not hold weights for ResNet50"):
-        import_weights(tmp_path / "RadImageNet-ResNet50_notop.h5", specs, tmp_path / "w2")
-    assert not (tmp_path / "w2" / "RadImageNet-ResNet50_notop.h5").exists()
+        import_weights_file(tmp_path / "RadImageNet-ResNet50_notop.h5", tmp_path / "w2")
+    assert not (tmp_path / "w2").exists() or not list((tmp_path / "w2").iterdir())  # nothing left behind
 
     save_h5(shared_keras_model("resnet50", 32), src / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
     with pytest.raises(FidmedError, match="wrong md5"):  # random weights are not Keras' ImageNet file
-        import_weights(src / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", specs, tmp_path / "w3")
+        import_weights_file(src / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", tmp_path / "w3")
+
+
+def test_import_recognises_renamed_radimagenet_file_by_architecture(tmp_path, capsys):
+    """radfid's repository calls the file RadImageNet-ResNet50-notop.h5 (hyphen): any name works, the file is
+    recognised by the architecture it loads into and stored under the canonical name."""
+    from fidmed.cli import main
+
+    save_h5(shared_keras_model("resnet50", 32), tmp_path / "RadImageNet-ResNet50-notop.h5", whole_model=True)
+    save_h5(keras_model("densenet121", 32), tmp_path / "downloaded (1).h5", whole_model=True)
+    rc = main(
+        [
+            "weights",
+            "import",
+            str(tmp_path / "RadImageNet-ResNet50-notop.h5"),
+            str(tmp_path / "downloaded (1).h5"),
+            "--weights-dir",
+            str(tmp_path / "w"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert sorted(p.name for p in (tmp_path / "w").glob("*.h5")) == [
+        "RadImageNet-DenseNet121_notop.h5",
+        "RadImageNet-ResNet50_notop.h5",
+    ]
+    assert "loaded into RadImageNet ResNet50 (Keras): 2048-d features; sha256 " in out and "(unpinned)" in out
+    assert "loaded into RadImageNet DenseNet121 (Keras): 1024-d features" in out
+
+    (tmp_path / "not-weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # HDF5 magic, no content
+    rc = main(["weights", "import", str(tmp_path / "not-weights.h5"), "--weights-dir", str(tmp_path / "w4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "matches no known weights file" in err and "RadImageNet-ResNet50_notop.h5" in err

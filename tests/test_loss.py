@@ -230,3 +230,30 @@ def test_unknown_phase():
     G, D = tiny_networks()
     with pytest.raises(ValueError, match="Gmain"):
         StyleGAN2Loss(G, D).accumulate_gradients("G", *batch(), gain=1)
+
+
+@pytest.mark.parametrize(
+    "phase,passes", [("Gmain", 1), ("Greg", 1), ("Gboth", 2), ("Dmain", 2), ("Dreg", 1), ("Dboth", 2)]
+)
+def test_every_backward_pass_goes_through_the_given_callable(phase, passes):
+    """A LightningModule passes its manual_backward: every backward pass of a phase must reach it, and the gradients
+    are those of Tensor.backward bit for bit."""
+    G, D = tiny_networks()
+    real, c, z, _ = batch()
+    trained = G if phase.startswith("G") else D
+    torch.manual_seed(5)
+    StyleGAN2Loss(G, D).accumulate_gradients(phase, real, c, z, c, gain=2)
+    plain = [p.grad.clone() for p in trained.parameters()]
+    clear_grads(trained)
+    calls = []
+
+    def backward(loss: torch.Tensor) -> None:
+        assert loss.ndim == 0
+        calls.append(float(loss))
+        loss.backward()
+
+    torch.manual_seed(5)
+    StyleGAN2Loss(G, D, backward=backward).accumulate_gradients(phase, real, c, z, c, gain=2)
+    assert len(calls) == passes
+    for g_plain, p in zip(plain, trained.parameters(), strict=True):
+        assert torch.equal(p.grad, g_plain)

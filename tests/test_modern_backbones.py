@@ -13,7 +13,6 @@ Random weights only, no network.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fidmed.errors import FidmedError
-from fidmed.features.modern_backbones import interpolate_pos_embed_like_hub
+from fidmed.features.extractors.dgm_eval import interpolate_pos_embed_like_hub
 from fidmed.features.preprocess import Preprocessing, preprocess
-from fidmed.features.registry import build_extractor
+from fidmed.features.registry import build_extractor, extractor_setup
 
 from conftest import extractor_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # open_clip's OPENAI_DATASET_MEAN / _STD (open_clip/constants.py), which dgm-eval's clip.py writes out.
@@ -79,8 +77,9 @@ def test_pil_bicubic_equals_torchvision_resize_bitwise(h, w, s) -> None:
     gray = torch.randint(0, 256, (1, 1, h, w), generator=g, dtype=torch.uint8)
     resize = T.Resize((s, s), interpolation=T.InterpolationMode.BICUBIC)  # dgm-eval's, on a PIL image
     for x in (rgb, gray):
-        pil = Image.fromarray(x[0].permute(1, 2, 0).numpy().squeeze(-1) if x.shape[1] == 1
-                              else x[0].permute(1, 2, 0).numpy()).convert("RGB")  # dgm-eval's loader
+        pil = Image.fromarray(
+            x[0].permute(1, 2, 0).numpy().squeeze(-1) if x.shape[1] == 1 else x[0].permute(1, 2, 0).numpy()
+        ).convert("RGB")  # dgm-eval's loader
         want = T.ToTensor()(resize(pil))  # what dgm-eval feeds Normalize
         got = preprocess(x, Preprocessing("pil_bicubic", s))
         assert got.shape == (1, 3, s, s)
@@ -142,8 +141,17 @@ def _dinov2_hub_checkpoint(depth: int, seed: int) -> dict[str, torch.Tensor]:
     net = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=518, depth=depth)
     state = _randomise(net.state_dict(), seed)
     state["mask_token"] = torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed))
-    for key in ("cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
-                "blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.mlp.fc1.weight", "norm.weight"):
+    for key in (
+        "cls_token",
+        "pos_embed",
+        "mask_token",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.ls1.gamma",
+        "blocks.0.ls2.gamma",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+    ):
         assert key in state  # names of dinov2's DinoVisionTransformer (hub checkpoint, block_chunks=0)
     assert state["pos_embed"].shape == (1, 1 + 37 * 37, 1024)
     return state
@@ -156,8 +164,9 @@ def _check_dinov2(depth: int, tmp_path: Path) -> None:
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(ckpt, path)
     ours = build_extractor(_cfg("dinov2", path, depth=depth), weights_dir=tmp_path)
-    ref = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=224,
-                            depth=depth).eval()
+    ref = timm.create_model(
+        "vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=224, depth=depth
+    ).eval()
     ref_state = {k: v for k, v in ckpt.items() if k != "mask_token"}
     ref_state["pos_embed"] = _hub_pos_embed_numpy(ckpt["pos_embed"], 16)
     ref.load_state_dict(ref_state)
@@ -197,22 +206,40 @@ def _open_clip_checkpoint(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     d, hidden, tokens = 768, 3072, 50
     shapes: dict[str, tuple[int, ...]] = {
-        "visual.class_embedding": (d,), "visual.positional_embedding": (tokens, d), "visual.proj": (d, 512),
-        "visual.conv1.weight": (d, 3, 32, 32), "visual.ln_pre.weight": (d,), "visual.ln_pre.bias": (d,),
-        "visual.ln_post.weight": (d,), "visual.ln_post.bias": (d,),
+        "visual.class_embedding": (d,),
+        "visual.positional_embedding": (tokens, d),
+        "visual.proj": (d, 512),
+        "visual.conv1.weight": (d, 3, 32, 32),
+        "visual.ln_pre.weight": (d,),
+        "visual.ln_pre.bias": (d,),
+        "visual.ln_post.weight": (d,),
+        "visual.ln_post.bias": (d,),
         # text tower and logit scale: present in the file, ignored by the image feature
-        "positional_embedding": (77, 512), "token_embedding.weight": (49408, 8), "ln_final.weight": (512,),
-        "text_projection": (512, 512), "logit_scale": (), "transformer.resblocks.0.ln_1.weight": (512,),
+        "positional_embedding": (77, 512),
+        "token_embedding.weight": (49408, 8),
+        "ln_final.weight": (512,),
+        "text_projection": (512, 512),
+        "logit_scale": (),
+        "transformer.resblocks.0.ln_1.weight": (512,),
     }
     for i in range(12):
         b = f"visual.transformer.resblocks.{i}."
-        shapes.update({
-            b + "ln_1.weight": (d,), b + "ln_1.bias": (d,), b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
-            b + "attn.in_proj_weight": (3 * d, d), b + "attn.in_proj_bias": (3 * d,),
-            b + "attn.out_proj.weight": (d, d), b + "attn.out_proj.bias": (d,),
-            b + "mlp.c_fc.weight": (hidden, d), b + "mlp.c_fc.bias": (hidden,),
-            b + "mlp.c_proj.weight": (d, hidden), b + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                b + "ln_1.weight": (d,),
+                b + "ln_1.bias": (d,),
+                b + "ln_2.weight": (d,),
+                b + "ln_2.bias": (d,),
+                b + "attn.in_proj_weight": (3 * d, d),
+                b + "attn.in_proj_bias": (3 * d,),
+                b + "attn.out_proj.weight": (d, d),
+                b + "attn.out_proj.bias": (d,),
+                b + "mlp.c_fc.weight": (hidden, d),
+                b + "mlp.c_fc.bias": (hidden,),
+                b + "mlp.c_proj.weight": (d, hidden),
+                b + "mlp.c_proj.bias": (d,),
+            }
+        )
     state = {}
     for k, s in shapes.items():
         if k.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight")):
@@ -238,11 +265,15 @@ def _open_clip_image_feature(st: dict[str, torch.Tensor], x: torch.Tensor, proje
         q, k, val = F.linear(h, v(b + "attn.in_proj_weight"), v(b + "attn.in_proj_bias")).chunk(3, dim=-1)
         split = lambda z: z.reshape(n, -1, heads, d // heads).transpose(1, 2)  # noqa: E731
         att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ split(val)
-        t = t + F.linear(att.transpose(1, 2).reshape(n, -1, d), v(b + "attn.out_proj.weight"),
-                         v(b + "attn.out_proj.bias"))
+        t = t + F.linear(
+            att.transpose(1, 2).reshape(n, -1, d), v(b + "attn.out_proj.weight"), v(b + "attn.out_proj.bias")
+        )
         h = F.layer_norm(t, (d,), v(b + "ln_2.weight"), v(b + "ln_2.bias"))
-        h = F.linear(F.gelu(F.linear(h, v(b + "mlp.c_fc.weight"), v(b + "mlp.c_fc.bias"))),
-                     v(b + "mlp.c_proj.weight"), v(b + "mlp.c_proj.bias"))
+        h = F.linear(
+            F.gelu(F.linear(h, v(b + "mlp.c_fc.weight"), v(b + "mlp.c_fc.bias"))),
+            v(b + "mlp.c_proj.weight"),
+            v(b + "mlp.c_proj.bias"),
+        )
         t = t + h
     cls = F.layer_norm(t[:, 0], (d,), v("ln_post.weight"), v("ln_post.bias"))
     return cls @ v("proj") if project else cls
@@ -296,7 +327,7 @@ def test_clip_bad_inputs(tmp_path) -> None:
     with pytest.raises(FidmedError, match="not an open_clip"):
         build_extractor(_cfg("clip", tmp_path / "not_clip.bin"), weights_dir=tmp_path)
     for name in ("clip", "dinov2"):
-        with pytest.raises(FidmedError, match="input_size: 224"):
+        with pytest.raises(FidmedError, match=rf"extractor\.{name}\.input_size=224"):
             build_extractor(_cfg(name, weights_source="random", input_size=112, depth=1), allow_random=True)
     ex = build_extractor(_cfg("clip", weights_source="random", depth=1), allow_random=True)
     assert ex.protocol()["preprocessing"] == "pil_bicubic-224-RGB"
@@ -312,8 +343,9 @@ def test_compose_extras(compose_cfg) -> None:
     cfgs = extractor_configs(compose_cfg(["extractor=[dinov2,clip]"]))
     assert [c.name for c in cfgs] == ["dinov2", "clip"]
     for c, dim in zip(cfgs, (1024, 768)):
-        assert c.weights.sha256 is None and c.resizer == "pil_bicubic"  # unpinned: no published digest
-        spec = OmegaConf.to_container(c, resolve=True) | {"weights_source": "random", "depth": 1}
-        ex = build_extractor(spec, allow_random=True)
+        assert c.resizer == "pil_bicubic" and set(c) == {"name", "input_size", "resizer", "weights_source", "seed"}
+        setup = extractor_setup(OmegaConf.merge(c, {"weights_source": "random"})).with_options(depth=1)
+        assert setup.weights.sha256 is None  # unpinned: no published digest
+        ex = build_extractor(setup, allow_random=True)
         with torch.no_grad():
             assert ex(_images(1, 224, seed=9)).shape == (1, dim)

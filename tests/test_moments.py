@@ -138,8 +138,16 @@ def _ddp_worker(rank: int, world: int, port: int, x: np.ndarray, out_dir: str) -
         plain = StreamingMoments(x.shape[1])
         plain.update(torch.from_numpy(x[rank::world]))  # no duplicates, sums only
         plain.all_reduce()
-        np.savez(f"{out_dir}/rank{rank}.npz", mean=m.mean, cov=m.cov, feats=m.features, idx=m.indices,
-                 count=m.count, plain_cov=plain.cov, plain_count=plain.count)
+        np.savez(
+            f"{out_dir}/rank{rank}.npz",
+            mean=m.mean,
+            cov=m.cov,
+            feats=m.features,
+            idx=m.indices,
+            count=m.count,
+            plain_cov=plain.cov,
+            plain_count=plain.count,
+        )
     finally:
         dist.destroy_process_group()
 

@@ -103,8 +103,10 @@ def test_dataset_items_and_manifest() -> None:
     canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     assert dataset.manifest_hash() == hashlib.sha256(canonical).hexdigest()
 
-    hashes = {PhantomDataset(5, 16, seed=9, name="other").manifest_hash(),  # the name is not part of it
-              dataset.manifest_hash()}
+    hashes = {
+        PhantomDataset(5, 16, seed=9, name="other").manifest_hash(),  # the name is not part of it
+        dataset.manifest_hash(),
+    }
     assert len(hashes) == 1
     for changed in (PhantomDataset(5, 16, seed=8), PhantomDataset(4, 16, seed=9), PhantomDataset(5, 32, seed=9)):
         assert changed.manifest_hash() != dataset.manifest_hash()

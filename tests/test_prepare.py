@@ -23,9 +23,10 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
 from fidmed.data.folder import ImageFolderDataset  # noqa: E402
-from fidmed.data.prepare import (CardiacPreparer, CTPreparer, DicomPreparer, MRIPreparer, XrayPreparer,  # noqa: E402
-                                 run_prepare)
-from fidmed.data.prepare import common as prepare_common  # noqa: E402
+from fidmed.data.prepare import CardiacPreparer, CTPreparer, DicomPreparer, MRIPreparer, XrayPreparer, run_prepare  # noqa: E402
+from fidmed.data.prepare import output as prepare_output  # noqa: E402
+from fidmed.data.prepare import pixels as prepare_pixels  # noqa: E402
+from fidmed.data.prepare import runner as prepare_runner  # noqa: E402
 from fidmed.data.prepare.cli import add_prepare_parser  # noqa: E402
 from fidmed.errors import ConfigError, DataError  # noqa: E402
 
@@ -58,6 +59,7 @@ def msd_pad(pad: int) -> tuple[int, int]:
 
 
 # == xray ======================================================================================================
+
 
 def _luma_pil(rgb: np.ndarray) -> np.ndarray:
     """PIL's RGB->L: ITU-R 601-2 luma in 16-bit fixed point, (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
@@ -100,14 +102,17 @@ def test_xray_grey_rgba_16bit_truncated(tmp_path):
     # --high-depth rescale: per-image min-max in float64, rounded
     report = run(XrayPreparer(high_depth="rescale"), src, tmp_path / "out16")
     d = deep.astype(np.float64)
-    np.testing.assert_array_equal(png(tmp_path / "out16" / "00000004_000.png"),
-                                  np.rint((d - d.min()) * 255.0 / (d.max() - d.min())).astype(np.uint8))
+    np.testing.assert_array_equal(
+        png(tmp_path / "out16" / "00000004_000.png"),
+        np.rint((d - d.min()) * 255.0 / (d.max() - d.min())).astype(np.uint8),
+    )
     # --strict stops at the truncated file and names it
     with pytest.raises(DataError, match="00000004_000.png|00000005_000.png"):
         run(XrayPreparer(), src, tmp_path / "strict", strict=True)
 
 
 # == ct ========================================================================================================
+
 
 def _write_mhd(path: Path, array: np.ndarray, spacing=(0.7, 0.7, 2.5)) -> None:
     image = sitk.GetImageFromArray(array)  # array [z, y, x]
@@ -140,10 +145,8 @@ def test_ct_per_slice_minmax_constant_nan_and_bad_files(tmp_path):
 
     report = run(CTPreparer(), src, tmp_path / "out")
     got = outputs(tmp_path / "out")
-    expected = {f"liver-orig001_{i}.png": np.rint(_study_ct_slice(vol[i])).astype(np.uint8)
-                for i in range(6) if i != 3}
-    expected.update({f"liver-orig002_{i}.png": np.rint(_study_ct_slice(volf[i])).astype(np.uint8)
-                     for i in range(3)})
+    expected = {f"liver-orig001_{i}.png": np.rint(_study_ct_slice(vol[i])).astype(np.uint8) for i in range(6) if i != 3}
+    expected.update({f"liver-orig002_{i}.png": np.rint(_study_ct_slice(volf[i])).astype(np.uint8) for i in range(3)})
     assert sorted(got) == sorted(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(got[name], array, err_msg=name)
@@ -155,17 +158,41 @@ def test_ct_per_slice_minmax_constant_nan_and_bad_files(tmp_path):
     assert "liver-orig005" in reasons[("liver-orig005.mhd", None)]
     counts = report.manifest["counts"]
     assert (counts["slices"], counts["skipped_constant"], counts["images"], counts["sources_bad"]) == (9, 1, 8, 3)
-    assert report.manifest["image_sizes"] == [{"height": 11, "width": 11, "count": 3},
-                                              {"height": 13, "width": 17, "count": 5}]
+    assert report.manifest["image_sizes"] == [
+        {"height": 11, "width": 11, "count": 3},
+        {"height": 13, "width": 17, "count": 5},
+    ]
 
     # constant="zero" writes the constant slice black; quantize="floor" truncates
     run(CTPreparer(constant="zero", quantize="floor"), src, tmp_path / "out2")
     np.testing.assert_array_equal(png(tmp_path / "out2" / "liver-orig001_3.png"), np.zeros((13, 17), np.uint8))
-    np.testing.assert_array_equal(png(tmp_path / "out2" / "liver-orig001_0.png"),
-                                  np.floor(_study_ct_slice(vol[0])).astype(np.uint8))
+    np.testing.assert_array_equal(
+        png(tmp_path / "out2" / "liver-orig001_0.png"), np.floor(_study_ct_slice(vol[0])).astype(np.uint8)
+    )
+
+
+def test_ct_slice_range_beyond_int16(tmp_path):
+    """The study's formula on SimpleITK's int16 array is exact while max - min <= 32767 and wraps around beyond;
+    fidmed computes in float64: the study's values up to that range, the true min-max beyond it."""
+    src = tmp_path / "scan"
+    src.mkdir()
+    vol = np.zeros((2, 8, 8), np.int16)
+    vol[0] = np.linspace(-1024, 31743, 64).round().reshape(8, 8)  # range 32767: the largest exact one
+    vol[1] = np.linspace(-1024, 32767, 64).round().reshape(8, 8)  # range 33791: wraps in int16
+    _write_mhd(src / "liver-orig001.mhd", vol)
+    run(CTPreparer(), src, tmp_path / "out")
+    with np.errstate(over="ignore"):
+        study = [(s - s.min()) * (255.0 - 0.0) / (s.max() - s.min()) + 0.0 for s in vol]  # int16 arithmetic
+    np.testing.assert_array_equal(study[0], _study_ct_slice(vol[0]))  # exact: equal to the float64 computation
+    assert study[1].min() < 0 and study[1].max() > 255  # wrapped: outside [0, 255]
+    for i in range(2):
+        np.testing.assert_array_equal(
+            png(tmp_path / "out" / f"liver-orig001_{i}.png"), np.rint(_study_ct_slice(vol[i])).astype(np.uint8)
+        )
 
 
 # == mri =======================================================================================================
+
 
 def _nifti(path: Path, data: np.ndarray) -> None:
     image = nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]))
@@ -181,7 +208,7 @@ def _brain(rng, shape_xyz, seqs, dtype):
     data = np.zeros((nx, ny, nz, seqs), dtype=np.float64)
     for z in range(nz):
         radius = 20 + 30 * z  # area pi r^2 / 256^2: 0.03, 0.17, 0.44, 0.85 ...
-        inside = (x - nx / 2) ** 2 + (y - ny / 2) ** 2 < radius ** 2
+        inside = (x - nx / 2) ** 2 + (y - ny / 2) ** 2 < radius**2
         for s in range(seqs):
             data[..., z, s] = np.where(inside, rng.uniform(10, 1000 * (s + 1), (nx, ny)) * (1 + z), 0)
     return data.astype(dtype)
@@ -199,8 +226,9 @@ def _itk_rescale(volume: np.ndarray) -> np.ndarray:
     return out.astype(volume.dtype)
 
 
-def _study_msd(data_xyzs: np.ndarray, seqs, per_slice=False, pad_to=256, thresh=0.15,
-               prefix="BRATS_001") -> dict[str, np.ndarray]:
+def _study_msd(
+    data_xyzs: np.ndarray, seqs, per_slice=False, pad_to=256, thresh=0.15, prefix="BRATS_001"
+) -> dict[str, np.ndarray]:
     out = {}
     for s in seqs:
         vol = np.ascontiguousarray(data_xyzs[..., s].transpose(2, 1, 0))  # [z, y, x] as SimpleITK arrays
@@ -273,17 +301,39 @@ def test_mri_slice_rescale_option_and_bad_files(tmp_path):
     assert "NaN" in {s["source"]: s["reason"] for s in report.skipped}["BRATS_004.nii.gz"]
 
 
+def test_mri_odd_padding_changes_the_15_percent_decision(tmp_path):
+    """An odd padding: the study's slice is one column short (255 wide) and its ratio divides by 255 x 256;
+    fidmed's full 256 x 256 slice divides by more, so a slice just above 15% in the study is dropped."""
+    src = tmp_path / "imagesTr"
+    src.mkdir()
+    slices = np.zeros((2, 240, 239), np.float32)  # [z, y, x]: 239 columns, padding 17, the study's split (7, 9)
+    for z, nonzero in ((0, 9800), (1, 9840)):  # 9800 / (255 * 256) = 0.1501 > 0.15 >= 9800 / 256**2 = 0.1495
+        slices[z].reshape(-1)[:nonzero] = 100.0 + np.arange(nonzero) % 50
+    data = np.stack([slices.transpose(2, 1, 0)] * 2, axis=-1)  # [x, y, z, 2 sequences]
+    _nifti(src / "BRATS_001.nii.gz", data)
+    report = run(MRIPreparer(sequences=(0,)), src, tmp_path / "out")
+    vol = _itk_rescale(np.ascontiguousarray(data[..., 0].transpose(2, 1, 0)))  # [z, y, x]
+    for z, nonzero in ((0, 9800), (1, 9840)):
+        study = np.pad(vol[z], ((8, 8), study_pad(17)))  # the study's padded slice: 256 x 255
+        assert study.shape == (256, 255) and (study > 0).sum() == nonzero
+        assert (study > 0).sum() / (study > -1).sum() > 0.15  # the study keeps both
+    assert sorted(outputs(tmp_path / "out")) == ["BRATS_001_0_1.png"]  # fidmed keeps only the second
+    assert report.manifest["counts"]["filtered_nonzero"] == 1
+
+
 def test_pad_split_matches_the_study():
     for pad in range(0, 40):
-        assert prepare_common.study_pad_split(pad) == study_pad(pad)
+        assert prepare_pixels.study_pad_split(pad) == study_pad(pad)
         assert sum(study_pad(pad)) == pad - pad % 2  # the study's odd split pads one pixel less than asked
     from fidmed.data.prepare.mri import pad_msd
+
     for rows, cols in [(256, 256), (255, 256), (253, 240), (1, 2)]:
         out = pad_msd(np.ones((rows, cols)), 256)
         assert out.shape == (256, 256) and out.sum() == rows * cols
 
 
 # == cardiac ===================================================================================================
+
 
 def _study_acdc_slice(slab_yx: np.ndarray, size: int = 256) -> np.ndarray:
     """prepare_ACDC.py written with numpy/scipy: pad to square with the minimum (larger half of an odd row padding
@@ -346,8 +396,9 @@ def test_cardiac_frame0_pad_bspline_rescale(tmp_path):
 
     # frames=(1,) uses the second time frame
     run(CardiacPreparer(frames=(1,)), tmp_path / "database", tmp_path / "out1")
-    _assert_close_uint8(png(tmp_path / "out1" / "patient001_4d_1_2.png"), _study_acdc_slice(data[:, :, 2, 1].T),
-                        "frame 1")
+    _assert_close_uint8(
+        png(tmp_path / "out1" / "patient001_4d_1_2.png"), _study_acdc_slice(data[:, :, 2, 1].T), "frame 1"
+    )
 
 
 def test_cardiac_small_slices_get_the_scripts_default_value(tmp_path):
@@ -365,11 +416,70 @@ def test_cardiac_small_slices_get_the_scripts_default_value(tmp_path):
     assert (got[253:] == 0).all() and (got[:, 253:] == 0).all() and (got[:253, :253] > 0).all()
 
 
+def _study_acdc_calls(slab_yx: np.ndarray, size: int = 256) -> np.ndarray:
+    """prepare_ACDC.py's SimpleITK calls on one slice, written out (pad_image, resize_image, RescaleIntensity)."""
+    img = sitk.Cast(sitk.GetImageFromArray(slab_yx), sitk.sitkFloat32)
+    h, w = slab_yx.shape
+    res = max(h, w)
+    l_pad, r_pad = study_pad(res - w)
+    t_pad, b_pad = study_pad(res - h)
+    pad = sitk.ConstantPadImageFilter()
+    pad.SetPadLowerBound([l_pad, b_pad])
+    pad.SetPadUpperBound([r_pad, t_pad])
+    pad.SetConstant(float(slab_yx.min()))
+    img = pad.Execute(img)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([size, size])
+    resampler.SetOutputSpacing([n * sp / size for n, sp in zip(img.GetSize(), img.GetSpacing())])
+    resampler.SetOutputDirection(img.GetDirection())
+    resampler.SetOutputOrigin(img.GetOrigin())
+    resampler.SetTransform(sitk.Transform())
+    resampler.SetDefaultPixelValue(img.GetPixelIDValue())
+    resampler.SetInterpolator(sitk.sitkBSpline)
+    return sitk.GetArrayFromImage(sitk.RescaleIntensity(resampler.Execute(img), 0.0, 255.0))
+
+
+def test_cardiac_constant_slices_versus_the_study(tmp_path):
+    """A constant slice: the study wrote black only when both padded sides exceed 128 pixels; a smaller one came
+    out white with a black bottom/right border (constant > 8, the resampler's default value). fidmed skips it, or
+    writes it black with constant="zero", whatever its size."""
+    large, small = np.full((150, 131), 50, np.int16), np.full((40, 33), 50, np.int16)
+    np.testing.assert_array_equal(_study_acdc_calls(large), np.zeros((256, 256)))
+    study_small = _study_acdc_calls(small)  # padded to 40 x 39: samples from row/column 253 on are outside
+    assert (study_small[:253, :253] == 255).all() and (study_small[253:] == 0).all()
+    assert (study_small[:, 253:] == 0).all()
+    assert (_study_acdc_calls(np.full((40, 33), 5, np.int16))[:253, :253] == 0).all()  # below 8: the reverse
+    assert (_study_acdc_calls(np.full((40, 33), 5, np.int16))[253:] == 255).all()
+    for name, slab in (("patient001", large), ("patient002", small)):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        slices = np.stack([slab.T, slab.T + np.arange(slab.shape[0])], axis=-1)  # [x, y, 2]: constant, not
+        data = np.stack([slices, slices], axis=-1)  # [x, y, 2 slices, 2 frames]
+        nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), str(tmp_path / "raw" / name / f"{name}_4d.nii.gz"))
+    report = run(CardiacPreparer(), tmp_path / "raw", tmp_path / "skip")
+    assert report.manifest["counts"]["skipped_constant"] == 2
+    assert sorted(outputs(tmp_path / "skip")) == ["patient001_4d_0_1.png", "patient002_4d_0_1.png"]
+    got = outputs(run(CardiacPreparer(constant="zero"), tmp_path / "raw", tmp_path / "zero").out)
+    for name in ("patient001_4d_0_0.png", "patient002_4d_0_0.png"):
+        np.testing.assert_array_equal(got[name], np.zeros((256, 256), np.uint8))
+
+
 # == dicom =====================================================================================================
 
-def _write_dicom(path: Path, pixels: np.ndarray, *, series_uid: str, instance: int, z: float,
-                 photometric: str = "MONOCHROME2", slope: float = 1.0, intercept: float = -1024.0,
-                 window: tuple[float, float] | None = None, patient: str = "P1", series_number: int = 3) -> None:
+
+def _write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    series_uid: str,
+    instance: int,
+    z: float,
+    photometric: str = "MONOCHROME2",
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    window: tuple[float, float] | None = None,
+    patient: str = "P1",
+    series_number: int = 3,
+) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -398,8 +508,9 @@ def _dicom_series(root: Path, rng, n=5, rows=12, cols=16, uid="1.2.3.4.5", **kw)
     arrays = [rng.integers(0, 3000, (rows, cols)).astype(np.uint16) for _ in range(n)]
     order = rng.permutation(n)
     for rank, k in enumerate(order):
-        _write_dicom(root / f"IM{rank:04d}", arrays[k], series_uid=uid, instance=int(rng.integers(1, 99)),
-                     z=10.0 * k, **kw)
+        _write_dicom(
+            root / f"IM{rank:04d}", arrays[k], series_uid=uid, instance=int(rng.integers(1, 99)), z=10.0 * k, **kw
+        )
     return arrays
 
 
@@ -418,8 +529,16 @@ def test_dicom_series_sorting_windows_selection_and_bad_files(tmp_path):
     arrays = _dicom_series(src / "a", rng, window=(40, 400))
     hu = [a.astype(np.float64) * 1.0 - 1024.0 for a in arrays]
     inv = rng.integers(0, 3000, (8, 8)).astype(np.uint16)
-    _write_dicom(src / "b" / "x.dcm", inv, series_uid="9.9", instance=1, z=0.0, photometric="MONOCHROME1",
-                 intercept=0.0, patient="P 2")
+    _write_dicom(
+        src / "b" / "x.dcm",
+        inv,
+        series_uid="9.9",
+        instance=1,
+        z=0.0,
+        photometric="MONOCHROME1",
+        intercept=0.0,
+        patient="P 2",
+    )
     (src / "README.txt").write_text("not dicom")
     good = (src / "a" / "IM0000").read_bytes()
     (src / "a" / "IM0099").write_bytes(good[: len(good) - 100])  # truncated pixel data inside the series
@@ -444,8 +563,11 @@ def test_dicom_series_sorting_windows_selection_and_bad_files(tmp_path):
     run(DicomPreparer(window="40,400", slices="middle", square="none"), src / "a", tmp_path / "win")
     (only,) = outputs(tmp_path / "win").values()
     c, w, x = 40.0, 400.0, hu[2]
-    ref = np.where(x <= c - 0.5 - (w - 1) / 2, 0.0,
-                   np.where(x > c - 0.5 + (w - 1) / 2, 255.0, ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0))
+    ref = np.where(
+        x <= c - 0.5 - (w - 1) / 2,
+        0.0,
+        np.where(x > c - 0.5 + (w - 1) / 2, 255.0, ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0),
+    )
     np.testing.assert_array_equal(only, np.rint(ref))
     # the files' own window gives the same; volume min-max over the series; a slice range
     run(DicomPreparer(window="dicom", slices="middle", square="none"), src / "a", tmp_path / "dwin")
@@ -474,12 +596,15 @@ def test_dicom_real_pydicom_samples(tmp_path):
     for name in ("CT_small.dcm", "MR_small.dcm"):
         ds = pydicom.dcmread(get_testdata_file(name))
         values = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
-            ds.get("RescaleIntercept", 0))
-        (out_name,) = [n for n in got if n.startswith(f"{ds.PatientID}_".replace(" ", "-"))
-                       and hashes_to(ds.SeriesInstanceUID, n)]
+            ds.get("RescaleIntercept", 0)
+        )
+        (out_name,) = [
+            n for n in got if n.startswith(f"{ds.PatientID}_".replace(" ", "-")) and hashes_to(ds.SeriesInstanceUID, n)
+        ]
         expected = np.rint((values - values.min()) * 255.0 / (values.max() - values.min()))
-        np.testing.assert_array_equal(got[out_name], _pad_square(expected) if values.shape[0] != values.shape[1]
-                                      else expected)
+        np.testing.assert_array_equal(
+            got[out_name], _pad_square(expected) if values.shape[0] != values.shape[1] else expected
+        )
     assert len(got) == 2
     assert any("MR_truncated.dcm" in s["reason"] for s in report.skipped)
 
@@ -492,6 +617,7 @@ def hashes_to(uid: str, name: str) -> bool:
 
 # == real nibabel sample NIfTIs ================================================================================
 
+
 def test_nibabel_sample_niftis(tmp_path):
     data_dir = Path(nib.__file__).parent / "tests" / "data"
     example4d = data_dir / "example4d.nii.gz"  # 128 x 96 x 24 x 2, int16
@@ -503,8 +629,9 @@ def test_nibabel_sample_niftis(tmp_path):
     constant = [j for j in range(24) if data[:, :, j, 0].min() == data[:, :, j, 0].max()]
     assert report.num_images == 24 - len(constant)
     j = 12
-    _assert_close_uint8(png(tmp_path / "cardiac" / f"patient001_4d_0_{j}.png"), _study_acdc_slice(data[:, :, j, 0].T),
-                        "example4d")
+    _assert_close_uint8(
+        png(tmp_path / "cardiac" / f"patient001_4d_0_{j}.png"), _study_acdc_slice(data[:, :, j, 0].T), "example4d"
+    )
 
     (tmp_path / "msd").mkdir()
     shutil.copy(example4d, tmp_path / "msd" / "example4d.nii.gz")
@@ -526,6 +653,7 @@ def test_nibabel_sample_niftis(tmp_path):
 
 
 # == the runner: manifest, idempotency, resume, parameters =====================================================
+
 
 def _ct_src(tmp_path: Path, n_volumes: int = 4) -> Path:
     rng = np.random.default_rng(7)
@@ -556,8 +684,10 @@ def test_rerun_is_idempotent_and_loads(tmp_path):
     assert m["preparer"] == "ct" and m["params"]["quantize"] == "round" and m["steps"]
     assert m["counts"]["images"] == 12 and m["image_sizes"] == [{"height": 10, "width": 10, "count": 12}]
     import hashlib
-    lines = "".join(f"{p.name}\t{hashlib.sha256(b'10x10:' + png(p).tobytes()).hexdigest()}\n"
-                    for p in sorted(out.glob("*.png")))
+
+    lines = "".join(
+        f"{p.name}\t{hashlib.sha256(b'10x10:' + png(p).tobytes()).hexdigest()}\n" for p in sorted(out.glob("*.png"))
+    )
     assert m["content_sha256"] == hashlib.sha256(lines.encode()).hexdigest()
     assert all(str(tmp_path) not in json.dumps(m) for _ in [0])  # no absolute paths: the hash is portable
     # a changed source file is redone, the others are not
@@ -573,29 +703,35 @@ def test_rerun_is_idempotent_and_loads(tmp_path):
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     src = _ct_src(tmp_path, 5)
     out = tmp_path / "out"
-    real = prepare_common.convert_source
+    real = prepare_runner.convert_source
     calls = []
 
-    def dying(preparer, s, o, source):
+    def interrupted(preparer, s, o, source):
         if len(calls) == 3:
-            # killed while writing: a temporary file and a stray image of the unfinished source are left behind
-            (o / f"{prepare_common.TMP_PREFIX}123-{Path(source.key).stem}_0.png").write_bytes(b"partial")
-            PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(o / f"{Path(source.key).stem}_0.png")
+            # Ctrl-C half-way through a source: one of its images written, the next one still a temporary file
+            prepare_output.Emitter(o).image(f"{Path(source.key).stem}_0.png", np.zeros((10, 10), np.uint8))
+            (o / f"{prepare_output.TMP_PREFIX}123-{Path(source.key).stem}_1.png").write_bytes(b"partial")
             raise KeyboardInterrupt
         calls.append(source.key)
         return real(preparer, s, o, source)
 
-    monkeypatch.setattr(prepare_common, "convert_source", dying)
+    monkeypatch.setattr(prepare_runner, "convert_source", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(CTPreparer(), src, out)
     assert not (out / "manifest.json").exists()
-    assert len([p for p in out.glob("*.png") if not p.name.startswith(".")]) == 10  # 3 x 3 slices + the stray
+    # the unfinished source's image and temporary file are removed: the 3 finished sources' 3 x 3 slices remain
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        f"liver-orig{v:03d}_{i}.png" for v in range(3) for i in range(3)
+    ]
     with pytest.raises(DataError, match="unfinished"):
         ImageFolderDataset(out)  # no manifest yet: the loader refuses the half-prepared folder
-    monkeypatch.setattr(prepare_common, "convert_source", real)
+    # a killed run cleans nothing up: it leaves an image of its unfinished source and a temporary file behind
+    prepare_output.Emitter(out).image("liver-orig003_0.png", np.full((10, 10), 7, np.uint8))
+    (out / f"{prepare_output.TMP_PREFIX}123-liver-orig003_1.png").write_bytes(b"partial")
+    monkeypatch.setattr(prepare_runner, "convert_source", real)
     resumed = run(CTPreparer(), src, out)
     assert (resumed.converted, resumed.reused) == (2, 3)
-    assert not list(out.glob(f"{prepare_common.TMP_PREFIX}*"))
+    assert not list(out.glob(f"{prepare_output.TMP_PREFIX}*"))
     fresh = run(CTPreparer(), src, tmp_path / "fresh")
     assert resumed.manifest == fresh.manifest
     assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
@@ -604,22 +740,33 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
 
 def test_every_parameter_changes_the_manifest_hash(tmp_path):
     src = _ct_src(tmp_path, 1)
-    variants = [CTPreparer(), CTPreparer(constant="zero"), CTPreparer(quantize="floor"), CTPreparer(resolution=8),
-                CTPreparer(pattern="liver*.mhd")]
+    variants = [
+        CTPreparer(),
+        CTPreparer(constant="zero"),
+        CTPreparer(quantize="floor"),
+        CTPreparer(resolution=8),
+        CTPreparer(pattern="liver*.mhd"),
+    ]
     hashes = set()
     for k, preparer in enumerate(variants):
         run(preparer, src, tmp_path / f"out{k}")
         hashes.add(ImageFolderDataset(tmp_path / f"out{k}").manifest_hash())
     assert len(hashes) == len(variants)
     # every field of every preparer is a recorded parameter
-    for preparer, changes in [(XrayPreparer(), dict(high_depth="rescale", resolution=64, quantize="floor")),
-                              (MRIPreparer(), dict(rescale="slice", sequences=(0,), pad_to=240, min_nonzero=0.2,
-                                                   nan="skip", quantize="floor")),
-                              (CardiacPreparer(), dict(frames=(1,), size=128, constant="zero", nan="skip",
-                                                       quantize="floor")),
-                              (DicomPreparer(), dict(window="dicom", slices="middle", square="none", resolution=64,
-                                                     constant="zero", quantize="floor"))]:
+    for preparer, changes in [
+        (XrayPreparer(), dict(high_depth="rescale", resolution=64, quantize="floor")),
+        (
+            MRIPreparer(),
+            dict(rescale="slice", sequences=(0,), pad_to=240, min_nonzero=0.2, nan="skip", quantize="floor"),
+        ),
+        (CardiacPreparer(), dict(frames=(1,), size=128, constant="zero", nan="skip", quantize="floor")),
+        (
+            DicomPreparer(),
+            dict(window="dicom", slices="middle", square="none", resolution=64, constant="zero", quantize="floor"),
+        ),
+    ]:
         import dataclasses
+
         assert set(changes) == {f.name for f in dataclasses.fields(preparer)}
         for key, value in changes.items():
             assert dataclasses.replace(preparer, **{key: value}).params() != preparer.params(), key
@@ -656,6 +803,7 @@ def test_other_parameters_foreign_files_and_empty_folders(tmp_path):
 
 # == CLI and modality configs ==================================================================================
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fidmed")
     add_prepare_parser(parser.add_subparsers(dest="command", required=True))
@@ -664,37 +812,61 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_cli_prepare(tmp_path, capsys):
     src = _ct_src(tmp_path, 1)
-    args = _parser().parse_args(["prepare", "ct", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "1",
-                                 "--no-progress", "--quantize", "floor"])
+    args = _parser().parse_args(
+        [
+            "prepare",
+            "ct",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "1",
+            "--no-progress",
+            "--quantize",
+            "floor",
+        ]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "3 images" in printed
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["params"]["quantize"] == "floor"
-    for argv in (["prepare", "mri", "--src", "a", "--out", "b", "--sequences", "0,x"],
-                 ["prepare", "mri", "--src", "a", "--out", "b", "--min-nonzero", "2"],
-                 ["prepare", "xray", "--src", "a"]):
+    for argv in (
+        ["prepare", "mri", "--src", "a", "--out", "b", "--sequences", "0,x"],
+        ["prepare", "mri", "--src", "a", "--out", "b", "--min-nonzero", "2"],
+        ["prepare", "xray", "--src", "a"],
+    ):
         with pytest.raises(SystemExit):
             _parser().parse_args(argv)
-    args = _parser().parse_args(["prepare", "dicom", "--src", str(src), "--out", str(tmp_path / "d"),
-                                 "--window", "wide"])
+    args = _parser().parse_args(
+        ["prepare", "dicom", "--src", str(src), "--out", str(tmp_path / "d"), "--window", "wide"]
+    )
     with pytest.raises(ConfigError, match="wide"):
         args.func(args)
-    args = _parser().parse_args(["prepare", "mri", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"),
-                                 "--sequences", "0,2"])
+    args = _parser().parse_args(
+        ["prepare", "mri", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--sequences", "0,2"]
+    )
     assert args.sequences == (0, 2)
     with pytest.raises(DataError, match="nothing"):
         args.func(args)
 
 
-@pytest.mark.parametrize("name,resolution,snapshot", [("xray", 1024, 25000), ("ct", 512, 25000),
-                                                      ("mri", 256, 5000), ("cardiac", 256, 25000)])
+@pytest.mark.parametrize(
+    "name,resolution,snapshot", [("xray", 1024, 25000), ("ct", 512, 25000), ("mri", 256, 5000), ("cardiac", 256, 25000)]
+)
 def test_modality_configs(compose_cfg, tmp_path, name, resolution, snapshot):
     from fidmed.data.datamodule import build_dataset
 
     cfg = compose_cfg([f"modality={name}"])
     m = cfg.modality
-    assert (m.name, m.kind, m.resolution, m.channels, m.study_kimg, m.xflip) == (name, "folder", resolution, 1,
-                                                                                     snapshot, False)
+    assert (m.name, m.kind, m.resolution, m.channels, m.study_kimg, m.xflip) == (
+        name,
+        "folder",
+        resolution,
+        1,
+        snapshot,
+        False,
+    )
     assert Path(m.path) == tmp_path / "data" / name
     overrides = {"ada": {"pipeline": "bgcfn"}, "diffaugment": {"policy": "color,translation"}} if name == "mri" else {}
     assert dict(m.augmentation_overrides) == overrides

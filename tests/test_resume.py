@@ -33,8 +33,8 @@ def driver(argv: list[str]) -> None:
     (``none``: not at all)."""
     import runpy
 
+    from fidmed.gan import callbacks as callbacks_mod
     from fidmed.gan import module as module_mod
-    from fidmed.gan import train as train_mod
 
     kill, overrides = argv[0], argv[1:]
     where, _, at = kill.partition(":")
@@ -55,7 +55,7 @@ def driver(argv: list[str]) -> None:
 
         module_mod.StyleGAN2Module._update_ema = killing_update_ema
     elif where == "checkpoint":
-        save = train_mod.SnapshotCallback.save
+        save = callbacks_mod.SnapshotCallback.save
 
         def killing_save(self, trainer, pl_module):
             out = save(self, trainer, pl_module)
@@ -63,7 +63,7 @@ def driver(argv: list[str]) -> None:
                 die()
             return out
 
-        train_mod.SnapshotCallback.save = killing_save
+        callbacks_mod.SnapshotCallback.save = killing_save
     elif where != "none":
         raise SystemExit(f"unknown kill point {kill!r}")
     sys.argv = [str(REPO / "run.py"), *overrides]
@@ -71,16 +71,33 @@ def driver(argv: list[str]) -> None:
 
 
 def drive(root: Path, run: str, kill: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FIDMED_WEIGHTS": str(root.parent / "weights"), "HF_HUB_OFFLINE": "1",
-           "FIDMED_OFFLINE": "1", "WANDB_MODE": "offline", "TORCH_HOME": str(root.parent / "torch_home"),
-           # bitwise needs the same thread count in every run; one thread is also the fastest for these sizes
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "FIDMED_WEIGHTS": str(root.parent / "weights"),
+        "HF_HUB_OFFLINE": "1",
+        "FIDMED_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "TORCH_HOME": str(root.parent / "torch_home"),
+        # bitwise needs the same thread count in every run; one thread is also the fastest for these sizes
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     for var in ("LOCAL_RANK", "FIDMED_DDP_JOB", "RANK"):
         env.pop(var, None)
-    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; import test_resume; "
-            f"test_resume.driver(sys.argv[1:])")
-    args = [sys.executable, "-c", code, kill, f"hydra.run.dir={root / run}", f"paths.root={root}",
-            f"paths.cache_dir={root.parent / 'cache'}", *overrides]
+    code = (
+        f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; import test_resume; "
+        f"test_resume.driver(sys.argv[1:])"
+    )
+    args = [
+        sys.executable,
+        "-c",
+        code,
+        kill,
+        f"hydra.run.dir={root / run}",
+        f"paths.root={root}",
+        f"paths.cache_dir={root.parent / 'cache'}",
+        *overrides,
+    ]
     return subprocess.run(args, cwd=root.parent, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -124,8 +141,7 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
     ca, cb = load(ref / "checkpoints" / "last.ckpt"), load(res / "checkpoints" / "last.ckpt")
     for key in ("state_dict", "optimizer_states", "fidmed", "fidmed_random", "ImageDataModule", "global_step"):
         _assert_same(ca[key], cb[key], f"last.ckpt[{key}]")
-    history = [(d / "fd_history.jsonl").read_text() if (d / "fd_history.jsonl").is_file() else None
-               for d in (ref, res)]
+    history = [(d / "fd_history.jsonl").read_text() if (d / "fd_history.jsonl").is_file() else None for d in (ref, res)]
     assert history[0] == history[1]
 
 
@@ -188,16 +204,30 @@ def kill_and_resume(tmp_path: Path, kills: list[tuple[str, int | None]], *overri
 
 
 # 8 steps of 8 images; last.ckpt and a snapshot every 16 images, FD every 32 (and at 0 and at the end).
-TINY_RUN = ["experiment=smoke", "logger=none", "schedule.kimg=0.064", "schedule.checkpoint_kimg=0.016",
-            "schedule.eval_kimg=0.032", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]"]
+TINY_RUN = [
+    "experiment=smoke",
+    "logger=none",
+    "schedule.kimg=0.064",
+    "schedule.checkpoint_kimg=0.016",
+    "schedule.eval_kimg=0.032",
+    "eval.num_gen=16",
+    "eval.num_gen_training=8",
+    "eval.metrics=[fd]",
+]
 
 
 def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path):
     # ADA: latents, style mixing, noise inputs, path-length noise and augmentation draws all in play.
-    kill_and_resume(tmp_path, [("step:8", None),  # before the first checkpoint
-                               ("checkpoint:32", 32),  # right after one (before its FD evaluation)
-                               ("step:40", 32)],  # between two, in the middle of a step
-                    *TINY_RUN, "augmentation=ada")
+    kill_and_resume(
+        tmp_path,
+        [
+            ("step:8", None),  # before the first checkpoint
+            ("checkpoint:32", 32),  # right after one (before its FD evaluation)
+            ("step:40", 32),
+        ],  # between two, in the middle of a step
+        *TINY_RUN,
+        "augmentation=ada",
+    )
 
 
 @pytest.mark.slow
@@ -205,28 +235,55 @@ def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path):
 def test_killed_and_resumed_training_is_bitwise_with_loader_workers(tmp_path, augmentation):
     # Loader workers prefetching batches past the kill, APA's fakes / DiffAugment, a kill in the very first step,
     # and one after the last checkpoint but before final.pt.
-    kill_and_resume(tmp_path, [("step:0", None), ("checkpoint:16", 16), ("step:24", 16), ("checkpoint:48", 48),
-                               ("step:56", 48), ("checkpoint:64", 64)],
-                    *TINY_RUN, f"augmentation={augmentation}", "modality.num_workers=2")
+    kill_and_resume(
+        tmp_path,
+        [
+            ("step:0", None),
+            ("checkpoint:16", 16),
+            ("step:24", 16),
+            ("checkpoint:48", 48),
+            ("step:56", 48),
+            ("checkpoint:64", 64),
+        ],
+        *TINY_RUN,
+        f"augmentation={augmentation}",
+        "modality.num_workers=2",
+    )
 
 
 @pytest.mark.slow
 def test_killed_and_resumed_ddp_training_is_bitwise(tmp_path):
     # 2 CPU ranks (gloo): rank 0 is killed, rank 1 stops on the broken process group; every rank's random stream
     # is gathered into rank 0's checkpoint and handed back to its rank, and the evaluation decision is broadcast.
-    kill_and_resume(tmp_path, [("step:16", 16), ("checkpoint:32", 32)],
-                    "experiment=smoke", "logger=none", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                    "modality.num_workers=0", "schedule.kimg=0.032", "schedule.checkpoint_kimg=0.016",
-                    "schedule.eval_kimg=0.016", "eval.num_gen=16", "eval.num_gen_training=8", "eval.metrics=[fd]",
-                    "augmentation=ada")
+    kill_and_resume(
+        tmp_path,
+        [("step:16", 16), ("checkpoint:32", 32)],
+        "experiment=smoke",
+        "logger=none",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "modality.num_workers=0",
+        "schedule.kimg=0.032",
+        "schedule.checkpoint_kimg=0.016",
+        "schedule.eval_kimg=0.016",
+        "eval.num_gen=16",
+        "eval.num_gen_training=8",
+        "eval.metrics=[fd]",
+        "augmentation=ada",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
 # The pieces, in process.
 def _draws() -> tuple:
     """One draw from each generator a training step may use."""
-    return (torch.randn(3), torch.empty(2, dtype=torch.int64).random_(0, 99), torch.from_numpy(np.random.rand(2)),
-            random.random())
+    return (
+        torch.randn(3),
+        torch.empty(2, dtype=torch.int64).random_(0, 99),
+        torch.from_numpy(np.random.rand(2)),
+        random.random(),
+    )
 
 
 def _seed_all(seed: int) -> None:
@@ -280,30 +337,55 @@ def test_first_use_of_a_stream_continues_the_global_generators():
     assert torch.equal(torch.randn(5), expected)  # fork_random_state put the global generator back
 
 
-def test_datamodule_resumes_the_sample_order_mid_epoch():
-    from types import SimpleNamespace
+def _batches_of_training(datamodule, steps: int) -> list[torch.Tensor]:
+    """The batches the training steps of a real ``Trainer(max_steps=steps)`` receive from ``datamodule``."""
+    import lightning as L
 
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.batches: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            self.batches.append(batch.clone())
+            return (self.weight * batch.float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    model = Recorder()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return model.batches
+
+
+def test_datamodule_resumes_the_sample_order_mid_epoch():
     from fidmed.data.datamodule import ImageDataModule, build_dataset
 
-    ds = build_dataset({"name": "phantom", "kind": "phantom", "resolution": 8, "channels": 1, "num_images": 10,
-                        "data_seed": 0})
+    ds = build_dataset(
+        {"name": "phantom", "kind": "phantom", "resolution": 8, "channels": 1, "num_images": 10, "data_seed": 0}
+    )
     dm = ImageDataModule(ds, batch_size=3, seed=5, xflip=True)
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
-    it = iter(dm.train_dataloader())
-    trained = [dm.on_before_batch_transfer(next(it), 0) for _ in range(5)]  # 15 of 20 images: mid-epoch 0
-    next(it)  # prefetched by the loader, never trained on: not counted
+    trained = _batches_of_training(dm, steps=5)  # 15 of 20 images: mid-epoch 0 (Lightning prefetched one batch more)
     state = dm.state_dict()
-    assert state["position"] == 15
+    assert state["position"] == 15  # the prefetched batch no step used does not count
 
     resumed = ImageDataModule(ds, batch_size=3, seed=5, xflip=True)
-    resumed.trainer = dm.trainer
     resumed.load_state_dict(state)
-    it2 = iter(resumed.train_dataloader())
-    got = [next(it2) for _ in range(4)]  # crosses into epoch 1 (another permutation)
+    got = _batches_of_training(resumed, steps=4)  # crosses into epoch 1 (another permutation)
     uninterrupted = iter(ImageDataModule(ds, batch_size=3, seed=5, xflip=True).train_dataloader())
     stream = [next(uninterrupted) for _ in range(9)]
-    assert all(torch.equal(x, y) for x, y in zip(trained, stream[:5]))
-    assert all(torch.equal(x, y) for x, y in zip(got, stream[5:]))
+    assert len(trained) == 5 and all(torch.equal(x, y) for x, y in zip(trained, stream[:5]))
+    assert len(got) == 4 and all(torch.equal(x, y) for x, y in zip(got, stream[5:]))
     # another world size: the same point of training (images per rank), not the same images
     two = ImageDataModule(ds, batch_size=3, seed=5, xflip=True, rank=1, world_size=2)
     two.load_state_dict(state)
@@ -311,7 +393,7 @@ def test_datamodule_resumes_the_sample_order_mid_epoch():
 
 
 def test_evaluation_history_is_cut_back_and_the_missing_point_evaluated(tmp_path):
-    from fidmed.gan.train import PeriodicEvaluation
+    from fidmed.gan.callbacks import PeriodicEvaluation
 
     history = tmp_path / "fd_history.jsonl"
     ev = PeriodicEvaluation(0.032, evaluate=None, history_path=history)

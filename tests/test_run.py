@@ -12,17 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-
-SMOKE = ["experiment=smoke", "logger=none"]
-
-
-def run_py(tmp_path: Path, *overrides: str, timeout: int = 600, env_extra: dict | None = None):
-    env = {**os.environ, "FIDMED_WEIGHTS": str(tmp_path / "weights"), "HF_HUB_OFFLINE": "1",
-           "FIDMED_OFFLINE": "1", "WANDB_MODE": "offline", "TORCH_HOME": str(tmp_path / "torch_home")}
-    env.update(env_extra or {})
-    args = [sys.executable, str(REPO / "run.py"), f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.root={tmp_path}", *overrides]
-    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+from helpers.runpy import SMOKE, run_py
 
 
 def test_smoke_job_trains_evaluates_and_labels_random_weights(tmp_path):
@@ -53,8 +43,9 @@ def test_smoke_job_trains_evaluates_and_labels_random_weights(tmp_path):
     assert second["results"][0]["protocol"]["n_gen"] == 40
 
     # stage=evaluate on the snapshot gives the same FD as the job that trained it (same seeds, same real set).
-    ev = run_py(tmp_path, *SMOKE, "stage=evaluate", f"generator={train_dir / 'final.pt'}",
-                f"hydra.run.dir={tmp_path / 'run3'}")
+    ev = run_py(
+        tmp_path, *SMOKE, "stage=evaluate", f"generator={train_dir / 'final.pt'}", f"hydra.run.dir={tmp_path / 'run3'}"
+    )
     assert ev.returncode == 0, ev.stdout + ev.stderr
     third = json.loads((tmp_path / "run3" / "results.json").read_text())
     assert third["results"][0]["value"] == pytest.approx(fd["value"], rel=1e-9)
@@ -76,8 +67,17 @@ def test_missing_generator_file_is_a_clear_error(tmp_path):
 
 def test_multirun_cartesian_product(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FIDMED_OFFLINE": "1", "WANDB_MODE": "offline"}
-    args = [sys.executable, str(REPO / "run.py"), "-m", "experiment=smoke", "logger=wandb", "seed=0,1",
-            "schedule.kimg=0.016,0.032", f"hydra.sweep.dir={tmp_path / 'multi'}", f"paths.root={tmp_path}"]
+    args = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "-m",
+        "experiment=smoke",
+        "logger=wandb",
+        "seed=0,1",
+        "schedule.kimg=0.016,0.032",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+        f"paths.root={tmp_path}",
+    ]
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     results = sorted((tmp_path / "multi").glob("*/results.json"))

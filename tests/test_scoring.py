@@ -11,9 +11,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fidmed.analysis.scoring import (GENERATED, REAL, Answer, KSTest, aggregate_scores, criteria_from_names,
-                                     exact_ks_pvalue, ks_statistic, rank_best_first, rater_scores, score_answers,
-                                     score_rows_from_table)
+from fidmed.analysis.scoring import (
+    GENERATED,
+    REAL,
+    Answer,
+    KSTest,
+    aggregate_scores,
+    criteria_from_names,
+    exact_ks_pvalue,
+    ks_statistic,
+    rank_best_first,
+    rater_scores,
+    score_answers,
+    score_rows_from_table,
+)
 from fidmed.errors import DataError
 
 
@@ -49,7 +60,7 @@ def test_study_example_acdc_participant_1():
     assert s.precision == 10 / 17 and round(100 * s.precision) == 59
     assert (s.recall, s.accuracy, s.fpr, s.fnr) == (1.0, 0.65, 0.7, 0.0)
     # Pooled two-sample t by hand: means 1 and 0.7, variances 0 and 0.7*0.3*10/9, df 18.
-    var_gen = 7 * 0.3 ** 2 / 9 + 3 * 0.7 ** 2 / 9
+    var_gen = 7 * 0.3**2 / 9 + 3 * 0.7**2 / 9
     pooled = (9 * 0 + 9 * var_gen) / 18
     t = 0.3 / math.sqrt(pooled * (1 / 10 + 1 / 10))
     assert s.t_statistic == pytest.approx(t, rel=1e-12)
@@ -168,8 +179,9 @@ def test_rankings_with_ties_use_average_ranks():
 
 
 def test_bad_answer_sets_name_what_is_wrong():
-    base = answers("a", "m", [("real", 4)] * 2, [("generated", 2)] * 2) + \
-        answers("b", "m", [("real", 4)] * 2, [("generated", 2)] * 2)
+    base = answers("a", "m", [("real", 4)] * 2, [("generated", 2)] * 2) + answers(
+        "b", "m", [("real", 4)] * 2, [("generated", 2)] * 2
+    )
     score_answers(base)  # fine
     with pytest.raises(DataError, match=r"duplicate answers.*rater a image m-r0"):
         score_answers(base + [base[0]])
@@ -180,8 +192,10 @@ def test_bad_answer_sets_name_what_is_wrong():
         score_answers(base + other)
     with pytest.raises(DataError, match=r"rater a, model m \(ct\): no generated images"):
         score_answers([x for x in base if not (x.rater == "a" and x.truth == GENERATED)])
-    flipped = [Answer("ct", "b", "m", "m-r0", GENERATED, "real", 4.0) if (x.rater, x.image_id) == ("b", "m-r0")
-               else x for x in base]
+    flipped = [
+        Answer("ct", "b", "m", "m-r0", GENERATED, "real", 4.0) if (x.rater, x.image_id) == ("b", "m-r0") else x
+        for x in base
+    ]
     with pytest.raises(DataError, match=r"image m-r0: m/real vs m/generated"):
         score_answers(flipped)
     two_models = base + answers("a", "m2", [("real", 4)] * 2, [("generated", 2)] * 2)
@@ -208,8 +222,12 @@ def tied_answers(fp=TIED_FP, n=10):
 
 
 def test_equal_means_rank_equal_from_answers():
-    agg = {a["model"]: a for a in aggregate_scores(score_answers(tied_answers()),
-                                                   criteria=criteria_from_names(["fpr", "diff", "accuracy"]))}
+    agg = {
+        a["model"]: a
+        for a in aggregate_scores(
+            score_answers(tied_answers()), criteria=criteria_from_names(["fpr", "diff", "accuracy"])
+        )
+    }
     # FPR: 14/25 for m1 and m2; float summation gave 0.5599999999999999 and 0.56, ranks 3 and 2
     assert agg["m1"]["mean_fpr"] == agg["m2"]["mean_fpr"] == 0.56
     assert [agg[m]["rank_fpr"] for m in ("m1", "m2", "m3", "m4")] == [2.5, 2.5, 1.0, 4.0]

@@ -2,7 +2,7 @@
 
 Every test saves random weights in the official checkpoint layout (torchvision .pth, SwAV's ``module.``-prefixed
 dict with its projection head, DINO's backbone dict, Swin's ``{"model": ...}`` with the original downsample
-placement), builds the fidmed extractor from its real config pointed at that file, and compares its features with
+placement), builds the fidmed extractor from its registration pointed at that file, and compares its features with
 the reference computation: torchvision's network with a forward pre-hook on ``fc`` (StudioGAN's hook), timm's
 ``get_intermediate_layers`` for DINO's 4 CLS tokens, timm's ``forward_head(pre_logits=True)`` for Swin pooling.
 No network access.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from fidmed.features.registry import build_extractor
 
 from conftest import extractor_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -139,9 +137,9 @@ def test_swav_official_layout(tmp_path) -> None:
     _close(got, _fc_input(ref, (x / 255.0 - MEAN) / STD))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert ours.weights_label == f"sha256:{digest}"
-    # the shipped config has no published digest (unpinned): the file is used as found and its digest recorded
+    # the registration has no published digest (unpinned): the file is used as found and its digest recorded
     unpinned = _cfg("swav", input_size=64)
-    assert unpinned["weights"]["sha256"] is None
+    assert unpinned.weights.sha256 is None
     unpinned_ex = build_extractor(unpinned, weights_dir=tmp_path)
     assert unpinned_ex.weights_label == f"sha256:{digest} (unpinned)"
 
@@ -214,9 +212,8 @@ def test_protocol_and_bad_inputs() -> None:
         ex(torch.zeros(1, 3, 32, 32))
     with pytest.raises(FidmedError, match="at least 75"):
         build_extractor(_cfg("inception", weights_source="random", input_size=64), allow_random=True)
-    with pytest.raises(FidmedError, match="input_size: 224"):
-        build_extractor(_cfg("resnet", weights_source="random", input_size=48) | {"name": "dino", "feature_dim": 1536},
-                        allow_random=True)
+    with pytest.raises(FidmedError, match=r"extractor\.dino\.input_size=224"):
+        build_extractor(_cfg("dino", weights_source="random", input_size=48), allow_random=True)
 
 
 def test_random_init_is_seeded() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fidmed.analysis.scoring import GENERATED, REAL
-from fidmed.analysis.vtt import (PAGE_COLUMNS, LikertScale, answers_from_pages, key_sha256, load_key, make_vtt)
+from fidmed.analysis.vtt import PAGE_COLUMNS, LikertScale, answers_from_pages, key_sha256, load_key, make_vtt
 from fidmed.errors import ConfigError, DataError
 
 
@@ -42,8 +42,17 @@ def decode(uri: str) -> np.ndarray:
 def vtt(tmp_path):
     real = folder(tmp_path / "real", 12, 0)
     models = {"noaug": folder(tmp_path / "gen_noaug", 6, 1), "ada": folder(tmp_path / "gen_ada", 6, 2)}
-    bundle = make_vtt(real, models, tmp_path / "pages", raters=3, n_real=4, n_generated=3, seed=7,
-                      likert=LikertScale(1, 5), modality="ct")
+    bundle = make_vtt(
+        real,
+        models,
+        tmp_path / "pages",
+        raters=3,
+        n_real=4,
+        n_generated=3,
+        seed=7,
+        likert=LikertScale(1, 5),
+        modality="ct",
+    )
     return bundle, real, models
 
 
@@ -118,15 +127,19 @@ def test_generator_images_are_the_study_quantised_seeds(tmp_path):
     from fidmed.gan.checkpoint import SNAPSHOT_FORMAT, atomic_torch_save, load_generator
     from fidmed.gan.networks import build_networks
 
-    kwargs = dict(resolution=16, channels=1, z_dim=8, w_dim=8, mapping_layers=1, channel_base=64, channel_max=16,
-                  num_fp16_res=0)
+    kwargs = dict(
+        resolution=16, channels=1, z_dim=8, w_dim=8, mapping_layers=1, channel_base=64, channel_max=16, num_fp16_res=0
+    )
     torch.manual_seed(0)
     G, _ = build_networks(**kwargs)
-    gen_path = atomic_torch_save({"format": SNAPSHOT_FORMAT, "G_ema": G.state_dict(), "network_kwargs": kwargs,
-                                  "kimg": 1.0}, tmp_path / "network-snapshot-000001.pt")
+    gen_path = atomic_torch_save(
+        {"format": SNAPSHOT_FORMAT, "G_ema": G.state_dict(), "network_kwargs": kwargs, "kimg": 1.0},
+        tmp_path / "network-snapshot-000001.pt",
+    )
     real = folder(tmp_path / "real", 5, 0)
-    bundle = make_vtt(real, {"noaug": gen_path}, tmp_path / "pages", raters=["x"], n_real=2, n_generated=3,
-                      seed=1, seed_pool=100)
+    bundle = make_vtt(
+        real, {"noaug": gen_path}, tmp_path / "pages", raters=["x"], n_real=2, n_generated=3, seed=1, seed_pool=100
+    )
     key = bundle.key
     assert key["models"]["noaug"]["source"]["kind"] == "generator"
     G2, _ = load_generator(gen_path)
@@ -144,15 +157,23 @@ def test_generator_images_are_the_study_quantised_seeds(tmp_path):
         seen += 1
     assert seen == 3
     with pytest.raises(DataError, match=r"makes \(1, 16, 16\).*real images are \(1, 8, 8\)"):
-        make_vtt(folder(tmp_path / "small", 5, 0, size=8), {"noaug": gen_path}, tmp_path / "p2", raters=1,
-                 n_real=2, n_generated=2)
+        make_vtt(
+            folder(tmp_path / "small", 5, 0, size=8),
+            {"noaug": gen_path},
+            tmp_path / "p2",
+            raters=1,
+            n_real=2,
+            n_generated=2,
+        )
 
 
 def test_answers_round_trip_and_bad_inputs(vtt, tmp_path):
     bundle, _, _ = vtt
     key = load_key(bundle.key_path)
-    files = [write_answers(tmp_path / f"{r}.csv", key, r,
-                           lambda pos, i: ("real" if pos % 2 else "generated", 1 + pos % 5)) for r in key["raters"]]
+    files = [
+        write_answers(tmp_path / f"{r}.csv", key, r, lambda pos, i: ("real" if pos % 2 else "generated", 1 + pos % 5))
+        for r in key["raters"]
+    ]
     answers = answers_from_pages(files, key)
     assert len(answers) == 3 * 14
     by = {(a.rater, a.image_id): a for a in answers}
@@ -174,24 +195,34 @@ def test_answers_round_trip_and_bad_inputs(vtt, tmp_path):
     short = tmp_path / "short.csv"
     lines = files[0].read_text().splitlines()
     short.write_text("\n".join(lines[:-2]) + "\n")
-    with pytest.raises(DataError,
-                       match=rf"rater rater1: 2 of 14 images have no answer row \({order[-2]}, {order[-1]}\)"):
+    with pytest.raises(
+        DataError, match=rf"rater rater1: 2 of 14 images have no answer row \({order[-2]}, {order[-1]}\)"
+    ):
         answers_from_pages([short, *files[1:]], key)
     # blank answer / rating
-    blank = write_answers(tmp_path / "blank.csv", key, "rater1",
-                          lambda pos, i: ("", 3) if pos == 4 else ("real", "") if pos == 5 else ("real", 3))
-    with pytest.raises(DataError, match=rf"rater rater1 image {order[3]} \(position 4: no answer\).*"
-                                        rf"image {order[4]} \(position 5: no rating\)"):
+    blank = write_answers(
+        tmp_path / "blank.csv",
+        key,
+        "rater1",
+        lambda pos, i: ("", 3) if pos == 4 else ("real", "") if pos == 5 else ("real", 3),
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"rater rater1 image {order[3]} \(position 4: no answer\).*"
+        rf"image {order[4]} \(position 5: no rating\)",
+    ):
         answers_from_pages([blank, *files[1:]], key)
     # unknown image
     seal = key_sha256(key)
-    extra = write_answers(tmp_path / "extra.csv", key, "rater1",
-                          rows=[[key["test_id"], seal, "rater1", 15, "deadbeef", "real", 3, ""]])
+    extra = write_answers(
+        tmp_path / "extra.csv", key, "rater1", rows=[[key["test_id"], seal, "rater1", 15, "deadbeef", "real", 3, ""]]
+    )
     with pytest.raises(DataError, match=r"images that are not in the key: deadbeef"):
         answers_from_pages([extra, *files[1:]], key)
     # unknown rater
-    stranger = write_answers(tmp_path / "s.csv", key, "rater1",
-                             rows=[[key["test_id"], seal, "mallory", 1, order[0], "real", 3, ""]])
+    stranger = write_answers(
+        tmp_path / "s.csv", key, "rater1", rows=[[key["test_id"], seal, "mallory", 1, order[0], "real", 3, ""]]
+    )
     with pytest.raises(DataError, match=r"rater 'mallory' is not in the key"):
         answers_from_pages([stranger], key)
     # rating off the scale, bad answer word
@@ -226,8 +257,9 @@ def test_bad_test_settings(tmp_path):
     with pytest.raises(DataError, match=r"model a: .* holds 5 images, the test needs 6"):
         make_vtt(real, {"a": gen}, tmp_path / "p", raters=1, n_real=3, n_generated=6)
     with pytest.raises(ConfigError, match=r"must not be inside the raters' folder"):
-        make_vtt(real, {"a": gen}, tmp_path / "p", key_path=tmp_path / "p" / "key.json", raters=1, n_real=1,
-                 n_generated=1)
+        make_vtt(
+            real, {"a": gen}, tmp_path / "p", key_path=tmp_path / "p" / "key.json", raters=1, n_real=1, n_generated=1
+        )
     with pytest.raises(ConfigError, match=r"rater name\(s\) given twice: x"):
         make_vtt(real, {"a": gen}, tmp_path / "p", raters=["x", "x"])
     with pytest.raises(ConfigError, match=r"0 <= low < high <= 9"):
@@ -247,17 +279,49 @@ def test_cli_make_and_score(tmp_path):
     add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
     real = folder(tmp_path / "real", 6, 0)
     gen = folder(tmp_path / "gen", 3, 1)
-    args = parser.parse_args(["vtt", "make", "--real", str(real), "--model", f"noaug={gen}", "--out",
-                              str(tmp_path / "pages"), "--rater", "a", "--rater", "b", "--n-real", "3",
-                              "--n-generated", "3", "--likert", "0", "3", "--modality", "mri"])
+    args = parser.parse_args(
+        [
+            "vtt",
+            "make",
+            "--real",
+            str(real),
+            "--model",
+            f"noaug={gen}",
+            "--out",
+            str(tmp_path / "pages"),
+            "--rater",
+            "a",
+            "--rater",
+            "b",
+            "--n-real",
+            "3",
+            "--n-generated",
+            "3",
+            "--likert",
+            "0",
+            "3",
+            "--modality",
+            "mri",
+        ]
+    )
     assert args.func(args) == 0
     key = load_key(tmp_path / "pages.key.json")
     assert key["likert"] == {"low": 0, "high": 3, "labels": []}
-    files = [write_answers(tmp_path / f"{r}.csv", key, r,
-                           lambda pos, i: ("real" if key["images"][i]["truth"] == REAL else "generated",
-                                           3 if key["images"][i]["truth"] == REAL else 0)) for r in ("a", "b")]
-    args = parser.parse_args(["vtt", "score", *map(str, files), str(tmp_path / "pages.key.json"),
-                              "--out", str(tmp_path / "scores")])
+    files = [
+        write_answers(
+            tmp_path / f"{r}.csv",
+            key,
+            r,
+            lambda pos, i: (
+                "real" if key["images"][i]["truth"] == REAL else "generated",
+                3 if key["images"][i]["truth"] == REAL else 0,
+            ),
+        )
+        for r in ("a", "b")
+    ]
+    args = parser.parse_args(
+        ["vtt", "score", *map(str, files), str(tmp_path / "pages.key.json"), "--out", str(tmp_path / "scores")]
+    )
     assert args.func(args) == 0
     with open(tmp_path / "scores" / "vtt_scores.csv") as f:
         rows = list(csv.DictReader(f))
@@ -287,13 +351,15 @@ def test_cli_score_marks_tied_ranks_and_undefined_t_tests(tmp_path, capsys):
             for i in range(10):
                 rows.append(Answer("ct", rater, model, f"{model}-r{i}", REAL, REAL, 4.0).to_dict())
                 said = REAL if i < k else GENERATED
-                rows.append(Answer("ct", rater, model, f"{model}-g{i}", GENERATED, said,
-                                   3.0 if said == REAL else 2.0).to_dict())
+                rows.append(
+                    Answer("ct", rater, model, f"{model}-g{i}", GENERATED, said, 3.0 if said == REAL else 2.0).to_dict()
+                )
     answers = write_csv_rows(tmp_path / "answers.csv", rows)
     parser = argparse.ArgumentParser(prog="fidmed")
     add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["vtt", "score", str(answers), "--out", str(tmp_path / "scores"), "--criteria", "fpr",
-                              "diff"])
+    args = parser.parse_args(
+        ["vtt", "score", str(answers), "--out", str(tmp_path / "scores"), "--criteria", "fpr", "diff"]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     with open(tmp_path / "scores" / "vtt_models.csv") as f:

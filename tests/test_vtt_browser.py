@@ -18,19 +18,42 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 
 from fidmed.analysis.scoring import GENERATED, REAL, aggregate_scores, score_answers
 from fidmed.analysis.vtt import LikertScale, answers_from_pages, load_key, make_vtt
 
+from helpers.images import png_folder
+
 INSTALL = "apt-get update && apt-get install -y chromium"
-CHROMIUM = next((p for p in (os.environ.get("FIDMED_CHROMIUM"), shutil.which("chromium"),
-                             shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--mute-audio", "--disable-dev-shm-usage",
-         "--remote-debugging-pipe"]
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            os.environ.get("FIDMED_CHROMIUM"),
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if p
+    ),
+    None,
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
+]
 KEYCODES = {"Enter": 13, "ArrowLeft": 37, "ArrowRight": 39, "Backspace": 8}
 
 
@@ -49,9 +72,13 @@ class PipeBrowser:
             os.close(250)
             os.close(251)
 
-        self.proc = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=child_fds, close_fds=False)  # fds 3/4 must reach chromium
+        self.proc = subprocess.Popen(
+            [executable, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=child_fds,
+            close_fds=False,
+        )  # fds 3/4 must reach chromium
         os.close(cmd_read)
         os.close(msg_write)
         self.timeout = timeout
@@ -91,8 +118,9 @@ class PipeBrowser:
 
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", {"url": url}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                 session=False)["sessionId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+            "sessionId"
+        ]
 
     def evaluate(self, expression: str):
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
@@ -116,8 +144,10 @@ class PipeBrowser:
         if text:
             down["text"] = text
         self.send("Input.dispatchKeyEvent", down)
-        self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "windowsVirtualKeyCode": code,
-                                             "nativeVirtualKeyCode": code})
+        self.send(
+            "Input.dispatchKeyEvent",
+            {"type": "keyUp", "key": key, "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code},
+        )
 
     def close(self) -> None:
         try:
@@ -132,14 +162,6 @@ class PipeBrowser:
         os.close(self._cmd_write)
 
 
-def _folder(path: Path, n: int, seed: int, size: int = 16) -> Path:
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        PIL.Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path / f"{i:03d}.png")
-    return path
-
-
 @pytest.fixture
 def browser(tmp_path):
     if CHROMIUM is None:
@@ -152,15 +174,23 @@ def browser(tmp_path):
 
 
 def test_page_round_trip_in_headless_chromium(browser, tmp_path):
-    real = _folder(tmp_path / "real", 12, 0)
-    models = {"noaug": _folder(tmp_path / "noaug", 5, 1), "ada": _folder(tmp_path / "ada", 5, 2)}
-    bundle = make_vtt(real, models, tmp_path / "pages", raters=["alice"], n_real=4, n_generated=4, seed=3,
-                      likert=LikertScale(1, 5), modality="ct")
+    real = png_folder(tmp_path / "real", 12, 0)
+    models = {"noaug": png_folder(tmp_path / "noaug", 5, 1), "ada": png_folder(tmp_path / "ada", 5, 2)}
+    bundle = make_vtt(
+        real,
+        models,
+        tmp_path / "pages",
+        raters=["alice"],
+        n_real=4,
+        n_generated=4,
+        seed=3,
+        likert=LikertScale(1, 5),
+        modality="ct",
+    )
     key = load_key(bundle.key_path)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    browser.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)},
-                 session=False)
+    browser.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}, session=False)
     browser.open(bundle.pages["alice"].resolve().as_uri())
     browser.wait_for("document.body && document.body.dataset.ready === '1'")
 
@@ -176,8 +206,10 @@ def test_page_round_trip_in_headless_chromium(browser, tmp_path):
     for position, image_id in enumerate(order):
         assert browser.evaluate("window.fidmedVTT.state.index") == position
         assert browser.evaluate("window.fidmedVTT.items[window.fidmedVTT.state.index].id") == image_id
-        assert browser.evaluate("document.getElementById('counter').textContent") == \
-            f"Image {position + 1} of {len(order)}"
+        assert (
+            browser.evaluate("document.getElementById('counter').textContent")
+            == f"Image {position + 1} of {len(order)}"
+        )
         answer, rating = plan[image_id]
         browser.press("r" if answer == REAL else "g")
         assert browser.evaluate("window.fidmedVTT.state.index") == position  # needs the rating too
@@ -215,6 +247,72 @@ def test_page_round_trip_in_headless_chromium(browser, tmp_path):
         tp = sum(plan[i][0] == REAL for i in real_ids)
         fp = sum(plan[i][0] == REAL for i in gen_ids)
         assert (s.tp, s.fp, s.fn, s.tn) == (tp, fp, len(real_ids) - tp, len(gen_ids) - fp)
-        assert s.diff == pytest.approx(np.mean([plan[i][1] for i in real_ids]) - np.mean([plan[i][1] for i in gen_ids]),
-                                       abs=1e-12)
+        assert s.diff == pytest.approx(
+            np.mean([plan[i][1] for i in real_ids]) - np.mean([plan[i][1] for i in gen_ids]), abs=1e-12
+        )
     assert {a["model"] for a in aggregate_scores(scores)} == {"noaug", "ada"}
+
+
+VIEWPORTS = [(1280, 900), (1366, 768), (1920, 1080)]
+CONTROLS = ["#btn-real", "#btn-generated", "#likert button", "#btn-prev", "#btn-next", "#btn-download", "#btn-help"]
+
+
+def _layout(browser: PipeBrowser) -> dict:
+    """Bounding boxes of the image and every rating control, the viewport and the scrollable height."""
+    return browser.evaluate(
+        """(() => {
+        const box = (el) => { const r = el.getBoundingClientRect();
+                              return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; };
+        const img = document.getElementById('image');
+        const controls = [];
+        for (const sel of %s) for (const el of document.querySelectorAll(sel)) controls.push([sel, box(el)]);
+        return {width: window.innerWidth, height: window.innerHeight,
+                scroll_height: document.scrollingElement.scrollHeight, scroll_width: document.scrollingElement.scrollWidth,
+                image: box(img), natural: [img.naturalWidth, img.naturalHeight], controls};
+    })()"""
+        % json.dumps(CONTROLS)
+    )
+
+
+@pytest.mark.parametrize("help_shown", [True, False])
+def test_image_and_rating_controls_fit_one_screen(browser, tmp_path, help_shown):
+    """A rater never scrolls: at common screen sizes the image, real/generated and every rating button are inside
+    the viewport, with the help shown (as on arrival) or hidden (H), and the image takes most of the height left."""
+    real = png_folder(tmp_path / "real", 4, 0, size=512)
+    bundle = make_vtt(
+        real,
+        {"ada": png_folder(tmp_path / "ada", 2, 1, size=512)},
+        tmp_path / "pages",
+        raters=["bob"],
+        n_real=2,
+        n_generated=2,
+        seed=0,
+        modality="ct",
+        likert=LikertScale(1, 5, ("surely generated", "probably generated", "unsure", "probably real", "surely real")),
+    )
+    browser.open(bundle.pages["bob"].resolve().as_uri())
+    browser.wait_for(
+        "document.body && document.body.dataset.ready === '1' && document.getElementById('image').complete"
+    )
+    if not help_shown:
+        browser.press("h")
+        assert browser.evaluate("document.getElementById('help').hidden") is True
+    for width, height in VIEWPORTS:
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        lay = _layout(browser)
+        assert (lay["width"], lay["height"]) == (width, height)
+        assert lay["scroll_height"] <= height and lay["scroll_width"] <= width, lay  # nothing below the fold
+        assert len(lay["controls"]) == 2 + 5 + 4
+        for sel, b in lay["controls"] + [("#image", lay["image"])]:
+            assert 0 <= b["left"] < b["right"] <= width and 0 <= b["top"] < b["bottom"] <= height, (
+                width,
+                height,
+                sel,
+                b,
+            )
+        # the square image as drawn (object-fit: contain): the smaller side of its box
+        drawn = min(lay["image"]["right"] - lay["image"]["left"], lay["image"]["bottom"] - lay["image"]["top"])
+        assert drawn >= (0.3 if help_shown else 0.5) * height, (width, height, lay["image"])

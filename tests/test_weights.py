@@ -17,13 +17,15 @@ from omegaconf import OmegaConf
 
 from fidmed.errors import ConfigError, FidmedError, WeightsMissingError
 from fidmed.features import weights as W
+from fidmed.features.base import Extractor, load_strict, read_checkpoint, seeded_init_
 from fidmed.features.registry import (
-    available_extractors,
+    EXTRACTORS,
+    ExtractorInfo,
     build_extractor,
     check_weights_available,
+    default_config,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "extractor" / "inception_tf.yaml"
 PAYLOAD = b"not really weights, but bytes with a known digest\n" * 100
 
 
@@ -37,8 +39,8 @@ def isolated(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("FIDMED_OFFLINE", raising=False)
 
 
-def _spec(name: str = "model-1234abcd.pth", urls: tuple[str, ...] = (), payload: bytes = PAYLOAD) -> W.WeightsSpec:
-    return W.WeightsSpec(name, hashlib.sha256(payload).hexdigest(), urls, "test weights", "ask the test")
+def _spec(name: str = "model-1234abcd.pth", urls: tuple[str, ...] = (), payload: bytes = PAYLOAD) -> W.WeightsFile:
+    return W.WeightsFile(name, hashlib.sha256(payload).hexdigest(), urls, "test weights", "ask the test")
 
 
 def _put(folder: Path, name: str, payload: bytes = PAYLOAD) -> Path:
@@ -106,13 +108,13 @@ def test_wrong_sha256_names_file_expected_and_actual(tmp_path: Path) -> None:
 def test_sha256_prefix_is_verified_as_prefix(tmp_path: Path) -> None:
     full = hashlib.sha256(PAYLOAD).hexdigest()
     _put(tmp_path / "mine", "m.pth")
-    assert W.resolve_weights(W.WeightsSpec("m.pth", full[:8]), tmp_path / "mine").name == "m.pth"
+    assert W.resolve_weights(W.WeightsFile("m.pth", full[:8]), tmp_path / "mine").name == "m.pth"
     wrong = "0" * 8 if not full.startswith("0" * 8) else "1" * 8
     with pytest.raises(FidmedError, match="wrong sha256"):
-        W.resolve_weights(W.WeightsSpec("m.pth", wrong), tmp_path / "mine")
+        W.resolve_weights(W.WeightsFile("m.pth", wrong), tmp_path / "mine")
 
 
-def _assert_helpful(msg: str, spec: W.WeightsSpec, folder: Path) -> None:
+def _assert_helpful(msg: str, spec: W.WeightsFile, folder: Path) -> None:
     assert spec.filename in msg and spec.sha256 in msg and str(folder) in msg
     assert "fidmed weights import PATH" in msg
     assert all(u in msg for u in spec.urls)
@@ -168,21 +170,28 @@ def test_download_verifies_and_renames_atomically(tmp_path: Path, http_server) -
     assert not (tmp_path / "mine" / "bad.pth").exists()
 
 
+def _no_load(wfile: W.WeightsFile, path: Path) -> str:
+    raise FidmedError(f"{path} does not load into the network of {wfile.filename}")
+
+
 def test_import_weights_matches_by_hash(tmp_path: Path) -> None:
     spec = _spec()
     src = _put(tmp_path / "downloads", "renamed-by-browser.pth")
-    got_spec, path = W.import_weights(src, [_spec(name="other.pth", payload=b"x"), spec], tmp_path / "mine")
-    assert got_spec == spec and path == tmp_path / "mine" / spec.filename and path.read_bytes() == PAYLOAD
+    done = W.import_weights(src, [_spec(name="other.pth", payload=b"x"), spec], _no_load, tmp_path / "mine")
+    assert done.file == spec and done.path == tmp_path / "mine" / spec.filename and done.path.read_bytes() == PAYLOAD
+    assert done.verified == f"sha256 {spec.sha256} matches the published digest"
     with pytest.raises(FidmedError, match="matches no known weights file"):
-        W.import_weights(_put(tmp_path, "junk.pth", b"junk"), [spec], tmp_path / "mine")
+        W.import_weights(_put(tmp_path, "junk.pth", b"junk"), [spec], _no_load, tmp_path / "mine")
+    # a file named like a pinned one but with another digest: said so, with the fix
+    with pytest.raises(FidmedError, match=r"named like model-1234abcd.pth but its sha256 .* Get it again"):
+        W.import_weights(_put(tmp_path, spec.filename, b"junk"), [spec], _no_load, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [spec.filename, spec.filename + ".sha256.json"]
 
 
 # ------------------------------------------------------------------------------------------------ registry
 def _inception_cfg(**overrides):
-    cfg = OmegaConf.load(CONF)
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg
+    """inception_tf's user-facing config (a DictConfig, as Hydra composes it) with overrides."""
+    return OmegaConf.merge(OmegaConf.structured(default_config("inception_tf")), overrides)
 
 
 def test_random_init_only_when_allowed_and_labelled() -> None:
@@ -191,6 +200,7 @@ def test_random_init_only_when_allowed_and_labelled() -> None:
         build_extractor(cfg)
     a = build_extractor(cfg, allow_random=True)
     assert a.random_init and a.weights_label == "RANDOM-INIT(seed=7) -- not a real extractor"
+    assert a.random_init_reason == "chosen on purpose (weights_source=random)"
     assert a.protocol()["weights"] == a.weights_label
     b = build_extractor(cfg, allow_random=True)
     c = build_extractor(_inception_cfg(weights_source="random", seed=8), allow_random=True)
@@ -198,12 +208,19 @@ def test_random_init_only_when_allowed_and_labelled() -> None:
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)  # seeded, independent of the global RNG
 
 
-def test_unknown_extractor_lists_valid_names() -> None:
-    assert "inception_tf" in available_extractors()
-    with pytest.raises(FidmedError, match="available: .*inception_tf"):
-        build_extractor(_inception_cfg(name="no_such_net", module=None), allow_random=True)
+def test_unknown_extractor_or_key_lists_valid_ones() -> None:
+    assert "inception_tf" in EXTRACTORS.names()
+    with pytest.raises(ConfigError, match="unknown extractor 'no_such_net'; available: .*inception_tf"):
+        build_extractor({"name": "no_such_net"}, allow_random=True)
     with pytest.raises(ConfigError, match="weights_source"):
         build_extractor(_inception_cfg(weights_source="imagenet"))
+    # the facts of a registration are not config keys: a YAML-era key is refused, naming the ones that exist
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key\(s\) feature_dim, weights; .*name, input_size, resizer, "
+        r"weights_source, seed",
+    ):
+        build_extractor({"name": "inception_tf", "feature_dim": 8, "weights": {}})
 
 
 def test_pretrained_missing_offline_fails_before_building(tmp_path: Path, monkeypatch) -> None:
@@ -214,40 +231,221 @@ def test_pretrained_missing_offline_fails_before_building(tmp_path: Path, monkey
     assert time.perf_counter() - t0 < 2.0
 
 
-def test_check_weights_available_names_every_missing_file(tmp_path: Path) -> None:
-    other = {"name": "other_net", "feature_dim": 8, "input_size": 32,
-             "weights": {"filename": "other-net.pth", "sha256": hashlib.sha256(b"o").hexdigest()}}
-    present = {"name": "present_net", "feature_dim": 8, "input_size": 32,
-               "weights": {"filename": "present.pth", "sha256": hashlib.sha256(PAYLOAD).hexdigest()}}
+def test_missing_weights_message_names_every_way_forward(tmp_path: Path, monkeypatch) -> None:
+    """Online: the download command and the download switches of run.py and `fidmed evaluate` (not a vague
+    "allow downloads"); offline: import; and how to run without real weights at all."""
+    monkeypatch.setenv("FIDMED_OFFLINE", "1")
+    with pytest.raises(WeightsMissingError) as e:
+        build_extractor("inception_tf", weights_dir=tmp_path / "mine", allow_download=True)
+    msg = str(e.value)
+    for fix in (
+        "`fidmed weights download inception_tf`",
+        "`eval.allow_download=true`",
+        "`fidmed evaluate --allow-download`",
+        "`fidmed weights import PATH`",
+        "eval.weights=random",
+        "experiment=smoke",
+        "--weights random",
+    ):
+        assert fix in msg, fix
+    with pytest.raises(WeightsMissingError) as e:  # RadImageNet: no URL, so no download advice
+        build_extractor("radimagenet_resnet", weights_dir=tmp_path / "mine")
+    assert "cannot be downloaded" in str(e.value) and "fidmed weights download" not in str(e.value)
+    assert "eval.weights=random" in str(e.value)
+
+
+def test_random_substituted_for_missing_weights_says_so(tmp_path: Path, monkeypatch) -> None:
+    """Random weights chosen on purpose and random weights substituted for a missing file are told apart."""
+    monkeypatch.setenv("FIDMED_OFFLINE", "1")
+    sub = build_extractor("inception_tf", weights_dir=tmp_path / "mine", allow_download=True, random_if_missing=True)
+    chosen = build_extractor({"name": "inception_tf", "weights_source": "random"}, allow_random=True)
+    assert sub.random_init and chosen.random_init
+    assert sub.random_init_reason == "substituted: its weights file pt_inception-2015-12-05-6726825d.pth is missing"
+    assert chosen.random_init_reason == "chosen on purpose (weights_source=random)"
+    assert sub.protocol()["random_init_reason"] == sub.random_init_reason
+    # same seed, same network: only the reason differs
+    assert torch.equal(sub.net.Mixed_7c.branch_pool.conv.weight, chosen.net.Mixed_7c.branch_pool.conv.weight)
+    _put(tmp_path / "mine", "pt_inception-2015-12-05-6726825d.pth", b"corrupt")  # a wrong digest is never papered over
+    with pytest.raises(FidmedError, match="wrong sha256"):
+        build_extractor("inception_tf", weights_dir=tmp_path / "mine", random_if_missing=True)
+
+
+# ------------------------------------------------------------------------------------------------ a toy extractor
+class ToyExtractor(Extractor):
+    """A tiny CNN registered from this test module alone: conv, ReLU, global average pool -> 8-d."""
+
+    def __init__(self, setup, weights_path: Path | None) -> None:
+        super().__init__(setup, weights_path)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+        if weights_path is None:
+            seeded_init_(self.net, setup.seed)
+        else:
+            load_strict(self.net, read_checkpoint(weights_path, "toy"), weights_path, "toy CNN")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.net(x / 255.0)
+
+
+def build_toy(setup, weights_path: Path | None) -> ToyExtractor:
+    return ToyExtractor(setup, weights_path)
+
+
+def _toy_info(weights: W.WeightsFile | None = None) -> ExtractorInfo:
+    return ExtractorInfo(
+        study_name="Toy",
+        feature_dim=8,
+        input_size=16,
+        resizer="clean",
+        weights=weights,
+        network="toy CNN",
+        description="a test-only extractor",
+    )
+
+
+@pytest.fixture
+def register_toy():
+    """register_toy(name, weights=None): register the toy builder under ``name``; unregistered after the test."""
+    names = []
+
+    def register(name: str, weights: W.WeightsFile | None = None) -> None:
+        EXTRACTORS.add(name, build_toy, info=_toy_info(weights))
+        names.append(name)
+
+    yield register
+    for name in names:
+        EXTRACTORS.remove(name)
+
+
+def test_toy_extractor_registered_from_a_test_module(register_toy) -> None:
+    register_toy("toy")
+    assert "toy" in EXTRACTORS.names() and default_config("toy").input_size == 16
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
+    # registered without a weights file: random init is its default, and still needs allow_random
+    assert default_config("toy").weights_source == "random"
+    with pytest.raises(FidmedError, match="only for plumbing tests"):
+        build_extractor("toy")
+    with pytest.raises(ConfigError, match="has no pretrained weights file; .*extractor.toy.weights_source=random"):
+        build_extractor({"name": "toy", "weights_source": "pretrained"})
+    a = build_extractor("toy", allow_random=True)
+    b = build_extractor({"name": "toy", "weights_source": "random"}, allow_random=True)
+    c = build_extractor(OmegaConf.merge(OmegaConf.structured(default_config("toy")), {"seed": 0}), allow_random=True)
+    with torch.no_grad():
+        fa, fb, fc = a(x), b(x), c(x)
+    assert fb.shape == (3, 8) and fb.dtype == torch.float32 and torch.equal(fa, fb) and torch.equal(fb, fc)
+    assert (b.name, b.study_name, b.feature_dim, b.preprocessing.key) == ("toy", "Toy", 8, "clean-16-RGB")
+    assert b.random_init and b.weights_label.startswith("RANDOM-INIT")
+    with pytest.raises(FidmedError, match=r"\[N, 3, 16, 16\]"):
+        b(torch.zeros(1, 3, 8, 8))
+
+
+def test_check_weights_available_names_every_missing_file(tmp_path: Path, register_toy) -> None:
+    register_toy("other_net", W.WeightsFile("other-net.pth", hashlib.sha256(b"o").hexdigest()))
+    register_toy("present_net", W.WeightsFile("present.pth", hashlib.sha256(PAYLOAD).hexdigest()))
+    register_toy("toy")
     _put(tmp_path / "mine", "present.pth")
-    cfgs = [_inception_cfg(), other, present, _inception_cfg(name="random_one", weights_source="random")]
+    cfgs = [_inception_cfg(), "other_net", {"name": "present_net"}, {"name": "toy", "weights_source": "random"}]
     with pytest.raises(WeightsMissingError) as e:
         check_weights_available(cfgs[:3], weights_dir=tmp_path / "mine")
     assert "pt_inception-2015-12-05-6726825d.pth" in str(e.value) and "other-net.pth" in str(e.value)
     assert "present.pth" not in str(e.value)
-    status = check_weights_available(cfgs, weights_dir=tmp_path / "mine", allow_random=True,
-                                     raise_on_missing=False)
+    status = check_weights_available(cfgs, weights_dir=tmp_path / "mine", allow_random=True, raise_on_missing=False)
     assert {k: s.state for k, s in status.items()} == {
-        "inception_tf": "missing", "other_net": "missing", "present_net": "found", "random_one": "random"}
+        "inception_tf": "missing",
+        "other_net": "missing",
+        "present_net": "found",
+        "toy": "random",
+    }
     assert status["present_net"].path == tmp_path / "mine" / "present.pth"
     with pytest.raises(FidmedError, match="random is not allowed"):
         check_weights_available(cfgs[2:], weights_dir=tmp_path / "mine")
 
 
 def test_unpinned_weights_are_used_as_found_and_record_their_own_digest(tmp_path):
-    """A file with no published sha256 (spec sha256=None) is neither refused nor silently replaced: results carry
-    the digest of the local file, marked unpinned, and `fidmed weights import` recognises it by name."""
-    import hashlib
-
-    from fidmed.features.weights import WeightsSpec, import_weights, resolve_weights, sha256_of
-
-    spec = WeightsSpec("model_unpinned.pth", None, ("http://127.0.0.1:9/none",))
+    """A file with no published sha256 (sha256=None) is neither refused nor silently replaced: results carry
+    the digest of the local file, marked unpinned; `fidmed weights import` takes it only if it loads."""
+    spec = W.WeightsFile("model_unpinned.pth", None, ("http://127.0.0.1:9/none",))
     assert not spec.pinned and not spec.full_hash
     src = tmp_path / "download" / "model_unpinned.pth"
     src.parent.mkdir()
     src.write_bytes(b"some weights")
-    _, dest = import_weights(src, [spec], tmp_path / "w")
-    assert resolve_weights(spec, tmp_path / "w") == dest
-    assert sha256_of(dest) == hashlib.sha256(b"some weights").hexdigest()
+    with pytest.raises(FidmedError, match="does not load"):
+        W.import_weights(src, [spec], _no_load, tmp_path / "w")
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").iterdir())  # nothing left behind
+    done = W.import_weights(src, [spec], lambda wfile, path: "loaded into a test net", tmp_path / "w")
+    digest = hashlib.sha256(b"some weights").hexdigest()
+    assert done.verified == f"loaded into a test net; sha256 {digest} recorded (unpinned)"
+    assert W.resolve_weights(spec, tmp_path / "w") == done.path
+    assert W.sha256_of(done.path) == digest
     with pytest.raises(WeightsMissingError, match="unpinned"):
-        resolve_weights(spec, tmp_path / "elsewhere")
+        W.resolve_weights(spec, tmp_path / "elsewhere")
+
+
+# ------------------------------------------------------------------------------------------------ `fidmed weights`
+def _swav_checkpoint(path: Path) -> Path:
+    """Random weights in SwAV's release layout (``module.`` prefix, projection head, prototypes)."""
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None)
+    seeded_init_(net, 3)
+    ckpt = {f"module.{k}": v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    ckpt["module.prototypes.weight"] = torch.zeros(30, 128)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_weights_import_loads_unpinned_files_before_accepting_them(tmp_path: Path, capsys) -> None:
+    """Random bytes named like SwAV's or DINO's release file are refused; a real SwAV checkpoint is accepted and
+    the message says what was verified (it loaded; its own sha256 is recorded), not "sha256 None verified"."""
+    from fidmed.cli import main
+
+    junk = _put(tmp_path / "dl", "swav_800ep_pretrain.pth.tar", b"random bytes, not a checkpoint")
+    dino = _put(tmp_path / "dl", "dino_deitsmall8_pretrain.pth", b"random bytes, not a checkpoint")
+    for fake in (junk, dino):
+        assert main(["weights", "import", str(fake), "--weights-dir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read the {'SwAV' if fake is junk else 'DINO'} weights file {fake}" in err, err
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").iterdir())  # nothing left behind
+
+    swav = _swav_checkpoint(tmp_path / "dl2" / "swav_800ep_pretrain.pth.tar")
+    assert main(["weights", "import", str(swav), "--weights-dir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    digest = hashlib.sha256(swav.read_bytes()).hexdigest()
+    assert (
+        f"-> {tmp_path / 'w' / 'swav_800ep_pretrain.pth.tar'}: loaded into SwAV ResNet-50: 2048-d features; "
+        f"sha256 {digest} recorded (unpinned)"
+    ) in out
+    assert "None" not in out
+
+
+def test_weights_import_pinned_file_by_digest_under_any_name(tmp_path: Path, capsys, register_toy) -> None:
+    from fidmed.cli import main
+
+    toy = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2))
+    torch.save({f"0.{k}": v for k, v in toy[0].state_dict().items()}, tmp_path / "toy-weights (2).pth")
+    digest = hashlib.sha256((tmp_path / "toy-weights (2).pth").read_bytes()).hexdigest()
+    register_toy("toy_pinned", W.WeightsFile("toy_pinned-abcdef12.pth", digest))
+    assert main(["weights", "import", str(tmp_path / "toy-weights (2).pth"), "--weights-dir", str(tmp_path / "w")]) == 0
+    assert f"toy_pinned-abcdef12.pth: sha256 {digest} matches the published digest" in capsys.readouterr().out
+    ex = build_extractor("toy_pinned", weights_dir=tmp_path / "w")
+    assert ex.weights_label == f"sha256:{digest}" and not ex.random_init
+    assert main(["weights", "list", "--weights-dir", str(tmp_path / "w")]) == 0
+    listing = capsys.readouterr().out
+    assert "toy_pinned" in listing and "present" in listing and "UNPINNED" in listing  # swav & co are unpinned
+
+
+def test_weights_module_knows_nothing_about_networks() -> None:
+    """No import circle: the generic weights module imports neither the registry nor any architecture."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fidmed.features.weights; "
+        "bad = [m for m in sys.modules if m.startswith(('fidmed.features.registry', 'fidmed.features.keras', "
+        "'fidmed.features.extractors', 'fidmed.features.base'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

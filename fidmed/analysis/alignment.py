@@ -1,4 +1,4 @@
-"""Human alignment: do an extractor's FDs rank models the way human raters do? (REFERENCE.md section 6)
+"""Human alignment: do an extractor's FDs rank models the way human raters do? (docs/vtt.md)
 
 Per modality and metric (FD, relative FD):
 
@@ -22,7 +22,13 @@ Per modality and metric (FD, relative FD):
 
 Nothing is dropped silently: missing modalities, extractors, metrics or models, duplicated results and NaN FDs are
 errors that list what is missing; results for models without human scores are kept in the rankings and listed in
-``notes``.
+``notes``; failed jobs (rows with ``status=failed`` from ``fidmed collect``) are listed in ``notes`` with their
+error, and the models they leave without a number are named by the coverage check.
+
+Random-init extractors: a number that came from a random-init extractor (``random_init`` true, or a label ending in
+``[RANDOM-INIT]``, as results.json and ``fidmed collect`` record it) keeps that mark: every table row made from
+such numbers has ``random_init`` true, :attr:`Analysis.labels` names the extractor ``swav [RANDOM-INIT]`` for the
+report and its figures, and :attr:`Analysis.random_init` lists those extractors for the report's banner.
 """
 
 from __future__ import annotations
@@ -30,26 +36,47 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from fidmed.analysis.scoring import (GENERATED, REAL, Answer, Criterion, KSTest, aggregate_scores,
-                                     answers_from_rows, average_ranks, check_score_rows, criteria_from_names,
-                                     DEFAULT_CRITERIA, exact_average, exact_mean, exact_number, exact_rater_value,
-                                     on_grid, rank_best_first, score_answers, score_rows_from_table)
+from fidmed.analysis.collect import error_summary
+from fidmed.analysis.scoring import (
+    DEFAULT_CRITERIA,
+    GENERATED,
+    REAL,
+    Answer,
+    Criterion,
+    KSTest,
+    aggregate_scores,
+    answers_from_rows,
+    average_ranks,
+    check_score_rows,
+    criteria_from_names,
+    exact_average,
+    exact_mean,
+    exact_number,
+    exact_rater_value,
+    on_grid,
+    rank_best_first,
+    score_answers,
+    score_rows_from_table,
+)
 from fidmed.analysis.tabular import format_list, read_csv_rows
 from fidmed.errors import DataError, FidmedError
+from fidmed.evaluation.results import RANDOM_BANNER
 
 METHODS = ("pearson", "spearman", "kendall")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Human data
+
 
 @dataclass
 class HumanData:
@@ -83,8 +110,10 @@ def load_human(path: str | Path) -> HumanData:
     if "modality" in rows[0]:
         blank = [i for i, r in enumerate(rows, start=2) if not str(r["modality"]).strip()]
         if blank:
-            raise DataError(f"VTT table {path}: no modality on line(s) {format_list(blank, 8)}; the analysis joins "
-                            f"human scores with FD results by modality (`fidmed vtt make --modality`).")
+            raise DataError(
+                f"VTT table {path}: no modality on line(s) {format_list(blank, 8)}; the analysis joins "
+                f"human scores with FD results by modality (`fidmed vtt make --modality`)."
+            )
     if "truth" in rows[0] and "answer" in rows[0]:
         return human_from_answers(answers_from_rows(rows, str(path)))
     scores = score_rows_from_table(rows, str(path))
@@ -94,6 +123,7 @@ def load_human(path: str | Path) -> HumanData:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
+
 
 def correlation(x: Sequence[float], y: Sequence[float], y_order: Sequence[float] | None = None) -> dict[str, float]:
     """Pearson, Spearman and Kendall tau-b with two-sided p-values, as SciPy computes them (NaN when undefined).
@@ -119,7 +149,7 @@ def correlation(x: Sequence[float], y: Sequence[float], y_order: Sequence[float]
 def _pearson_rows(x: np.ndarray, Y: np.ndarray) -> np.ndarray:
     xc = x - x.mean()
     Yc = Y - Y.mean(axis=1, keepdims=True)
-    den = np.sqrt((xc ** 2).sum() * (Yc ** 2).sum(axis=1))
+    den = np.sqrt((xc**2).sum() * (Yc**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (Yc @ xc) / den
     r[den == 0] = np.nan
@@ -138,13 +168,15 @@ def correlation_rows(x: Sequence[float], Y: np.ndarray, Y_order: np.ndarray | No
     iu = np.triu_indices(len(x), k=1)
     sx = np.sign(x[:, None] - x[None, :])[iu]
     sy = np.sign(order[:, :, None] - order[:, None, :])[:, iu[0], iu[1]]
-    den = np.sqrt((sx ** 2).sum() * (sy ** 2).sum(axis=1))
+    den = np.sqrt((sx**2).sum() * (sy**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         tau = (sy @ sx) / den
     tau[den == 0] = np.nan
-    return {"pearson": _pearson_rows(x, Y),
-            "spearman": _pearson_rows(stats.rankdata(x), stats.rankdata(order, axis=1)),
-            "kendall": tau}
+    return {
+        "pearson": _pearson_rows(x, Y),
+        "spearman": _pearson_rows(stats.rankdata(x), stats.rankdata(order, axis=1)),
+        "kendall": tau,
+    }
 
 
 def kendalls_w(values: np.ndarray) -> dict[str, float]:
@@ -161,8 +193,8 @@ def kendalls_w(values: np.ndarray) -> dict[str, float]:
     t = 0.0
     for row in ranks:
         _, counts = np.unique(row, return_counts=True)
-        t += float((counts ** 3 - counts).sum())
-    den = m ** 2 * (n ** 3 - n) - m * t
+        t += float((counts**3 - counts).sum())
+    den = m**2 * (n**3 - n) - m * t
     w = 12.0 * s / den if den > 0 else math.nan
     chi2 = m * (n - 1) * w
     return {"m": m, "n": n, "W": w, "chi2": chi2, "df": n - 1, "p": float(stats.chi2.sf(chi2, n - 1))}
@@ -170,6 +202,7 @@ def kendalls_w(values: np.ndarray) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results: lookup and coverage
+
 
 def default_groups(extractors: Sequence[str]) -> dict[str, list[str]]:
     """All extractors, and the ImageNet / RadImageNet groups when both kinds are present."""
@@ -185,8 +218,10 @@ def default_groups(extractors: Sequence[str]) -> dict[str, list[str]]:
 def fd_lookup(results: Sequence[Mapping[str, Any]], model_column: str) -> dict[tuple[str, str, str, str], float]:
     """(modality, metric, extractor, model) -> value; duplicates, empty keys and NaN values are errors."""
     if results and model_column not in results[0]:
-        raise DataError(f"the results table has no column {model_column!r} to name models by (columns: "
-                        f"{', '.join(results[0])}); pass --model-column.")
+        raise DataError(
+            f"the results table has no column {model_column!r} to name models by (columns: "
+            f"{', '.join(results[0])}); pass --model-column."
+        )
     out: dict[tuple[str, str, str, str], float] = {}
     where: dict[tuple[str, str, str, str], str] = {}
     bad = []
@@ -197,8 +232,10 @@ def fd_lookup(results: Sequence[Mapping[str, Any]], model_column: str) -> dict[t
         if empty:
             raise DataError(f"results {src}: a row without {', '.join(empty)}.")
         if key in out:
-            raise DataError(f"two results for modality {key[0]}, metric {key[1]}, extractor {key[2]}, model {key[3]}: "
-                            f"{where[key]} and {src}; keep one run per model (or filter the table).")
+            raise DataError(
+                f"two results for modality {key[0]}, metric {key[1]}, extractor {key[2]}, model {key[3]}: "
+                f"{where[key]} and {src}; keep one run per model (or filter the table)."
+            )
         value = float(r["value"])
         if not math.isfinite(value):
             bad.append(f"{key[0]}/{key[3]}/{key[2]}/{key[1]} ({src})")
@@ -207,6 +244,34 @@ def fd_lookup(results: Sequence[Mapping[str, Any]], model_column: str) -> dict[t
     if bad:
         raise DataError(f"non-finite values in the results (a failed evaluation?): {format_list(bad, 8)}.")
     return out
+
+
+def is_random_init(row: Mapping[str, Any]) -> bool:
+    """Whether a results row's number came from a random-init extractor: its ``random_init`` (a bool, or the text
+    a CSV table holds) or its label (``swav [RANDOM-INIT]``)."""
+    flag = row.get("random_init")
+    if isinstance(flag, str):
+        flag = flag.strip().lower() in ("true", "1", "yes")
+    return bool(flag) or f"[{RANDOM_BANNER}]" in str(row.get("label") or "")
+
+
+def random_init_label(extractor: str) -> str:
+    """The extractor's name as people see it when its numbers came from a random-init network."""
+    return f"{extractor} [{RANDOM_BANNER}]"
+
+
+def is_failed(row: Mapping[str, Any]) -> bool:
+    """A row that stands for a failed job (``fidmed collect``: ``status=failed``), not for a number."""
+    return str(row.get("status") or "").strip().lower() == "failed"
+
+
+def _failed_note(row: Mapping[str, Any]) -> str:
+    what = "/".join(str(row.get(c)) for c in ("modality", "augmentation") if row.get(c))
+    return (
+        f"failed job {row.get('run_dir') or row.get('results_file') or '?'}"
+        + (f" ({what})" if what else "")
+        + f": {error_summary(str(row.get('error') or ''))}"
+    )
 
 
 @dataclass
@@ -219,9 +284,13 @@ class Coverage:
     extra_modalities: list[str] = field(default_factory=list)
 
 
-def check_coverage(lookup: Mapping[tuple[str, str, str, str], float], human_models: Mapping[str, Sequence[str]] | None,
-                   metrics: Sequence[str] | None = None, extractors: Sequence[str] | None = None,
-                   modalities: Sequence[str] | None = None) -> Coverage:
+def check_coverage(
+    lookup: Mapping[tuple[str, str, str, str], float],
+    human_models: Mapping[str, Sequence[str]] | None,
+    metrics: Sequence[str] | None = None,
+    extractors: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+) -> Coverage:
     """Work out what is analysed, and fail naming every (modality, metric, extractor, model) that is missing."""
     have_modalities = sorted({k[0] for k in lookup})
     have_metrics = sorted({k[1] for k in lookup}, key=lambda m: (m != "fd", m))
@@ -237,8 +306,9 @@ def check_coverage(lookup: Mapping[tuple[str, str, str, str], float], human_mode
     problems = []
     absent = [m for m in wanted_modalities if m not in have_modalities]
     if absent:
-        problems.append(f"no results at all for modality {', '.join(absent)} (results have: "
-                        f"{', '.join(have_modalities)})")
+        problems.append(
+            f"no results at all for modality {', '.join(absent)} (results have: {', '.join(have_modalities)})"
+        )
     models: dict[str, list[str]] = {}
     extra: dict[str, list[str]] = {}
     for modality in wanted_modalities:
@@ -259,18 +329,28 @@ def check_coverage(lookup: Mapping[tuple[str, str, str, str], float], human_mode
                 if len(lacking) == len(models[modality]):
                     problems.append(f"modality {modality}: extractor {ex} has no {metric} results")
                 elif lacking:
-                    problems.append(f"modality {modality}, extractor {ex}, {metric}: no result for model(s) "
-                                    f"{', '.join(lacking)}")
+                    problems.append(
+                        f"modality {modality}, extractor {ex}, {metric}: no result for model(s) {', '.join(lacking)}"
+                    )
     if problems:
-        raise DataError("the results table is incomplete:\n  - " + "\n  - ".join(problems) +
-                        "\nEvaluate the missing runs (or name the extractors/metrics/modalities to analyse).")
-    return Coverage(modalities=wanted_modalities, metrics=metrics, extractors=extractors, models=models,
-                    extra_models={k: v for k, v in extra.items() if v},
-                    extra_modalities=[m for m in have_modalities if m not in wanted_modalities])
+        raise DataError(
+            "the results table is incomplete:\n  - "
+            + "\n  - ".join(problems)
+            + "\nEvaluate the missing runs (or name the extractors/metrics/modalities to analyse)."
+        )
+    return Coverage(
+        modalities=wanted_modalities,
+        metrics=metrics,
+        extractors=extractors,
+        models=models,
+        extra_models={k: v for k, v in extra.items() if v},
+        extra_modalities=[m for m in have_modalities if m not in wanted_modalities],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bootstrap of the per-model human scores
+
 
 @dataclass
 class _ModalityAnswers:
@@ -290,17 +370,28 @@ def _answer_arrays(answers: Sequence[Answer], modality: str, models: Sequence[st
     out = _ModalityAnswers(raters, list(models), [], [], [], [])
     for model in models:
         ids = {t: sorted({a.image_id for a in rows if a.model == model and a.truth == t}) for t in (REAL, GENERATED)}
-        for t, called, rating in ((REAL, out.real_called, out.real_rating),
-                                  (GENERATED, out.gen_called, out.gen_rating)):
+        for t, called, rating in (
+            (REAL, out.real_called, out.real_rating),
+            (GENERATED, out.gen_called, out.gen_rating),
+        ):
             called.append(np.array([[index[(r, i)].answer == REAL for i in ids[t]] for r in raters]))
             rating.append(np.array([[index[(r, i)].rating for i in ids[t]] for r in raters], dtype=np.float64))
-    out.integer_ratings = all(bool(np.all(r == np.round(r))) and float(np.abs(r).sum()) < 2.0 ** 53
-                              for r in out.real_rating + out.gen_rating)
+    out.integer_ratings = all(
+        bool(np.all(r == np.round(r))) and float(np.abs(r).sum()) < 2.0**53 for r in out.real_rating + out.gen_rating
+    )
     return out
 
 
-def _mean_from_arrays(column: str, rc: np.ndarray, gc: np.ndarray, rr: np.ndarray, gr: np.ndarray, ks: KSTest,
-                      integer_ratings: bool, exact_p: dict[float, Fraction]) -> Fraction:
+def _mean_from_arrays(
+    column: str,
+    rc: np.ndarray,
+    gc: np.ndarray,
+    rr: np.ndarray,
+    gr: np.ndarray,
+    ks: KSTest,
+    integer_ratings: bool,
+    exact_p: dict[float, Fraction],
+) -> Fraction:
     """The exact mean over raters (rows: [raters, images]) of a criterion, each rater's value the one
     ``exact_rater_value`` gives for their (resampled) answers on one model."""
     if column == "fpr":  # every rater saw the same number of images: sum of counts / (raters x images)
@@ -357,8 +448,15 @@ def _resampled_means(exact: Sequence[Sequence[Fraction | None]], picks: np.ndarr
     return out
 
 
-def bootstrap_human(human: HumanData, modality: str, models: Sequence[str], criteria: Sequence[Criterion],
-                    n_boot: int, rng: np.random.Generator, ks: KSTest) -> dict[str, BootstrapScores]:
+def bootstrap_human(
+    human: HumanData,
+    modality: str,
+    models: Sequence[str],
+    criteria: Sequence[Criterion],
+    n_boot: int,
+    rng: np.random.Generator,
+    ks: KSTest,
+) -> dict[str, BootstrapScores]:
     """criterion name -> resampled per-model human scores (means over resampled raters, computed exactly)."""
     if human.answers is not None:
         arr = _answer_arrays(human.answers, modality, models)
@@ -372,8 +470,15 @@ def bootstrap_human(human: HumanData, modality: str, models: Sequence[str], crit
             for j in range(len(models)):
                 ri = rng.integers(0, arr.real_called[j].shape[1], arr.real_called[j].shape[1])
                 gi = rng.integers(0, arr.gen_called[j].shape[1], arr.gen_called[j].shape[1])
-                picked = [a[j][np.ix_(raters, idx)] for a, idx in ((arr.real_called, ri), (arr.gen_called, gi),
-                                                                  (arr.real_rating, ri), (arr.gen_rating, gi))]
+                picked = [
+                    a[j][np.ix_(raters, idx)]
+                    for a, idx in (
+                        (arr.real_called, ri),
+                        (arr.gen_called, gi),
+                        (arr.real_rating, ri),
+                        (arr.gen_rating, gi),
+                    )
+                ]
                 for c in criteria:
                     means[c.name][b][j] = _mean_from_arrays(c.column, *picked, ks, arr.integer_ratings, exact_p)
         return {name: _boot_scores(m) for name, m in means.items()}
@@ -391,6 +496,7 @@ def bootstrap_human(human: HumanData, modality: str, models: Sequence[str], crit
 # ---------------------------------------------------------------------------------------------------------------
 # The analysis
 
+
 @dataclass
 class Analysis:
     """Everything ``fidmed analyze`` reports: tables (lists of dict rows) and notes."""
@@ -400,27 +506,58 @@ class Analysis:
     criteria: list[Criterion]
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: extractors any of whose analysed numbers came from a random-init network
+    random_init: list[str] = field(default_factory=list)
+    #: extractor -> the name shown to people (``swav [RANDOM-INIT]`` for a random-init one)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, extractor: str) -> str:
+        return self.labels.get(extractor, extractor)
 
 
-def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None, *, model_column: str = "augmentation",
-            metrics: Sequence[str] | None = None, extractors: Sequence[str] | None = None,
-            modalities: Sequence[str] | None = None, criteria: Sequence[str] = DEFAULT_CRITERIA,
-            n_boot: int = 1000, ci: float = 0.95, seed: int = 0, alpha: float = 0.05,
-            groups: Mapping[str, Sequence[str]] | None = None) -> Analysis:
+def analyze(
+    results: Sequence[Mapping[str, Any]],
+    human: HumanData | None = None,
+    *,
+    model_column: str = "augmentation",
+    metrics: Sequence[str] | None = None,
+    extractors: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+    criteria: Sequence[str] = DEFAULT_CRITERIA,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    alpha: float = 0.05,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> Analysis:
     """Rankings, FD-human correlations with bootstrap CIs, and extractor agreement (see the module docstring)."""
     if not 0 < ci < 1:
         raise FidmedError(f"confidence level {ci} must be between 0 and 1 (e.g. 0.95).")
     if n_boot < 0:
         raise FidmedError(f"bootstrap replicates must be >= 0, got {n_boot}.")
     crits = criteria_from_names(criteria)
+    failed = [r for r in results if is_failed(r)]
+    results = [r for r in results if not is_failed(r)]
     lookup = fd_lookup(results, model_column)
     cov = check_coverage(lookup, human.models() if human else None, metrics, extractors, modalities)
+    # which analysed numbers came from random-init extractors: (modality, metric, extractor, model) keys
+    analysed = {(m, met, ex) for m in cov.modalities for met in cov.metrics for ex in cov.extractors}
+    random_keys = {
+        tuple(str(r.get(c) or "") for c in ("modality", "metric", "extractor", model_column))
+        for r in results
+        if is_random_init(r)
+    }
+    random_keys = {k for k in random_keys if k[:3] in analysed and k[3] in cov.models.get(k[0], [])}
+    random_exs = [ex for ex in cov.extractors if any(k[2] == ex for k in random_keys)]
+    labels = {ex: random_init_label(ex) if ex in random_exs else ex for ex in cov.extractors}
     if human is not None:
         missing_cols = [c.column for c in crits if c.column not in human.scores[0]]
         if missing_cols:
-            raise DataError(f"the VTT scores lack {', '.join(missing_cols)} needed for criteria "
-                            f"{', '.join(c.name for c in crits if c.column in missing_cols)}; choose the criteria "
-                            f"the table has (--criteria).")
+            raise DataError(
+                f"the VTT scores lack {', '.join(missing_cols)} needed for criteria "
+                f"{', '.join(c.name for c in crits if c.column in missing_cols)}; choose the criteria "
+                f"the table has (--criteria)."
+            )
     groups = dict(groups) if groups else default_groups(cov.extractors)
     unknown = sorted({e for g in groups.values() for e in g} - set(cov.extractors))
     if unknown:
@@ -430,10 +567,20 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
     rng = np.random.default_rng(seed)
     ks = KSTest()
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    notes = []
+    notes = [_failed_note(r) for r in failed]
+    for ex in random_exs:
+        n_random = sum(k[2] == ex for k in random_keys)
+        n_all = sum(len(cov.models[m]) for m in cov.modalities) * len(cov.metrics)
+        if n_random < n_all:
+            notes.append(
+                f"{ex}: {n_random} of its {n_all} analysed numbers came from a random-init network and "
+                f"the others from real weights; they are not comparable with each other."
+            )
     for modality, extra in cov.extra_models.items():
-        notes.append(f"{modality}: model(s) {', '.join(extra)} have results but no VTT scores; they are left out "
-                     f"of the rankings and correlations.")
+        notes.append(
+            f"{modality}: model(s) {', '.join(extra)} have results but no VTT scores; they are left out "
+            f"of the rankings and correlations."
+        )
     if cov.extra_modalities:
         notes.append(f"modalities in the results but not analysed: {', '.join(cov.extra_modalities)}.")
     if human is not None:
@@ -443,9 +590,10 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
     tail = (1 - ci) / 2 * 100
     for modality in cov.modalities:
         models = cov.models[modality]
-        boot = (bootstrap_human(human, modality, models, crits, n_boot, rng, ks)
-                if human is not None and n_boot > 0 else {})
-        for model in (models if human else []):
+        boot = (
+            bootstrap_human(human, modality, models, crits, n_boot, rng, ks) if human is not None and n_boot > 0 else {}
+        )
+        for model in models if human else []:
             a = agg[(modality, model)]
             row = {"modality": modality, "model": model}
             if a:
@@ -458,27 +606,63 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
             tables["human_scores"].append(row)
         for metric in cov.metrics:
             fd = {ex: np.array([lookup[(modality, metric, ex, m)] for m in models]) for ex in cov.extractors}
+            # an extractor's row is random-init when any number it was made from is
+            rnd = {ex: any((modality, metric, ex, m) in random_keys for m in models) for ex in cov.extractors}
             for ex in cov.extractors:
                 for model, value, rank in zip(models, fd[ex], rank_best_first(fd[ex], higher_is_better=False)):
-                    tables["fd_values"].append({"modality": modality, "metric": metric, "extractor": ex,
-                                                "model": model, "value": float(value)})
-                    tables["rankings"].append({"modality": modality, "metric": metric, "ranker": ex,
-                                               "kind": "extractor", "model": model, "value": float(value),
-                                               "rank": float(rank)})
-            for c in (crits if human else []):
+                    is_rnd = (modality, metric, ex, model) in random_keys
+                    tables["fd_values"].append(
+                        {
+                            "modality": modality,
+                            "metric": metric,
+                            "extractor": ex,
+                            "model": model,
+                            "value": float(value),
+                            "random_init": is_rnd,
+                        }
+                    )
+                    tables["rankings"].append(
+                        {
+                            "modality": modality,
+                            "metric": metric,
+                            "ranker": ex,
+                            "kind": "extractor",
+                            "model": model,
+                            "value": float(value),
+                            "rank": float(rank),
+                            "random_init": rnd[ex],
+                        }
+                    )
+            for c in crits if human else []:
                 for model in models:
                     a = agg[(modality, model)]
-                    tables["rankings"].append({"modality": modality, "metric": metric, "ranker": c.name,
-                                               "kind": "human", "model": model, "value": a[f"mean_{c.column}"],
-                                               "rank": a[f"rank_{c.name}"]})
+                    tables["rankings"].append(
+                        {
+                            "modality": modality,
+                            "metric": metric,
+                            "ranker": c.name,
+                            "kind": "human",
+                            "model": model,
+                            "value": a[f"mean_{c.column}"],
+                            "rank": a[f"rank_{c.name}"],
+                            "random_init": False,
+                        }
+                    )
             # FD vs human
-            for c in (crits if human else []):
+            for c in crits if human else []:
                 h = np.array([agg[(modality, m)][f"mean_{c.column}"] for m in models])
                 # the exact order of the means: their best-first ranks, turned back to ascending order
                 order = [(-1 if c.higher_is_better else 1) * agg[(modality, m)][f"rank_{c.name}"] for m in models]
                 for ex in cov.extractors:
-                    row: dict[str, Any] = {"modality": modality, "metric": metric, "extractor": ex, "criterion": c.name,
-                                           "n_models": len(models), "expected_sign": -1 if c.higher_is_better else 1}
+                    row: dict[str, Any] = {
+                        "modality": modality,
+                        "metric": metric,
+                        "extractor": ex,
+                        "criterion": c.name,
+                        "random_init": rnd[ex],
+                        "n_models": len(models),
+                        "expected_sign": -1 if c.higher_is_better else 1,
+                    }
                     row.update(correlation(fd[ex], h, order))
                     if n_boot > 0 and len(models) >= 2:
                         reps = correlation_rows(fd[ex], boot[c.name].values, boot[c.name].ranks)
@@ -493,19 +677,54 @@ def analyze(results: Sequence[Mapping[str, Any]], human: HumanData | None = None
                     tables["correlations"].append(row)
             # Agreement between extractors
             for i, ea in enumerate(cov.extractors):
-                for eb in cov.extractors[i + 1:]:
+                for eb in cov.extractors[i + 1 :]:
                     cr = correlation(fd[ea], fd[eb])
-                    tables["extractor_agreement"].append({
-                        "modality": modality, "metric": metric, "extractor_a": ea, "extractor_b": eb,
-                        "n_models": len(models), "spearman": cr["spearman"], "spearman_p": cr["spearman_p"],
-                        "kendall": cr["kendall"], "kendall_p": cr["kendall_p"]})
+                    tables["extractor_agreement"].append(
+                        {
+                            "modality": modality,
+                            "metric": metric,
+                            "extractor_a": ea,
+                            "extractor_b": eb,
+                            "random_init_a": rnd[ea],
+                            "random_init_b": rnd[eb],
+                            "n_models": len(models),
+                            "spearman": cr["spearman"],
+                            "spearman_p": cr["spearman_p"],
+                            "kendall": cr["kendall"],
+                            "kendall_p": cr["kendall_p"],
+                        }
+                    )
             for name, members in groups.items():
                 w = kendalls_w(np.array([fd[ex] for ex in members]))
-                tables["kendall_w"].append({"modality": modality, "metric": metric, "group": name,
-                                            "extractors": " ".join(members), **w})
-    settings = {"model_column": model_column, "metrics": cov.metrics, "criteria": [c.name for c in crits],
-                "n_boot": n_boot, "ci": ci, "seed": seed, "alpha": alpha,
-                "bootstrap": (human.bootstrap_unit if human else "none"), "groups": groups,
-                "tie_rule": "average ranks, comparing exact values (human scores: means over raters computed as "
-                             "fractions); rank 1 = best"}
-    return Analysis(tables=dict(tables), coverage=cov, criteria=crits, settings=settings, notes=notes)
+                tables["kendall_w"].append(
+                    {
+                        "modality": modality,
+                        "metric": metric,
+                        "group": name,
+                        "extractors": " ".join(members),
+                        "random_init_members": " ".join(ex for ex in members if rnd[ex]),
+                        **w,
+                    }
+                )
+    settings = {
+        "model_column": model_column,
+        "metrics": cov.metrics,
+        "criteria": [c.name for c in crits],
+        "n_boot": n_boot,
+        "ci": ci,
+        "seed": seed,
+        "alpha": alpha,
+        "bootstrap": (human.bootstrap_unit if human else "none"),
+        "groups": groups,
+        "tie_rule": "average ranks, comparing exact values (human scores: means over raters computed as "
+        "fractions); rank 1 = best",
+    }
+    return Analysis(
+        tables=dict(tables),
+        coverage=cov,
+        criteria=crits,
+        settings=settings,
+        notes=notes,
+        random_init=random_exs,
+        labels=labels,
+    )

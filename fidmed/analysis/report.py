@@ -8,6 +8,10 @@ Figures: the ranking figure (per modality: models x extractors and human criteri
 FD-vs-human scatter plots (one panel per extractor and criterion, Pearson r and p in the title), and the pairwise
 Spearman agreement between extractors. The HTML embeds its figures as ``data:`` URIs, so the file
 can be mailed or archived alone. :func:`log_report_to_wandb` logs the same tables and figures to a W&B run.
+
+Random-init extractors: wherever an extractor is named (table cells and headings, figure labels) a random-init one
+is shown as ``swav [RANDOM-INIT]`` (:attr:`Analysis.labels`), the CSV tables keep the plain name with a
+``random_init`` column, and the report opens with a banner saying that those numbers test the plumbing only.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from fidmed.analysis.alignment import Analysis
 from fidmed.analysis.scoring import tied
 from fidmed.analysis.tabular import columns_of, write_csv_rows
+from fidmed.evaluation.results import RANDOM_BANNER
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Report:
     sections: list[Section]
     markdown_path: Path | None = None
     html_path: Path | None = None
+    banner: list[str] = field(default_factory=list)  # warnings shown above everything (random-init numbers)
 
     @property
     def tables(self) -> list[Table]:
@@ -69,6 +76,7 @@ class Report:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Formatting
+
 
 def fmt(value: Any) -> str:
     """Numbers for people: 4 significant digits, p-values below 0.001 in scientific notation, NaN as 'n/a'."""
@@ -94,8 +102,9 @@ def fmt_rank(rank: float, is_tied: bool) -> str:
     return text + ("=" if is_tied else "")
 
 
-def mark_ties(rows: Sequence[dict[str, Any]], rank_columns: Sequence[str],
-              within: Sequence[str] = ("modality",)) -> list[dict[str, Any]]:
+def mark_ties(
+    rows: Sequence[dict[str, Any]], rank_columns: Sequence[str], within: Sequence[str] = ("modality",)
+) -> list[dict[str, Any]]:
     """Display copies of ``rows``: each of ``rank_columns`` as text by :func:`fmt_rank`, tied where another row with
     the same ``within`` values (the same modality) has the same rank."""
     out = [dict(r) for r in rows]
@@ -113,6 +122,7 @@ def mark_ties(rows: Sequence[dict[str, Any]], rank_columns: Sequence[str],
 
 # ---------------------------------------------------------------------------------------------------------------
 # Figures
+
 
 def _plt():
     import matplotlib
@@ -132,8 +142,12 @@ def ranking_figure(analysis: Analysis, metric: str, path: Path) -> Path:
     human_cols = [c.name for c in analysis.criteria] if any(r["kind"] == "human" for r in rows) else []
     cols = ext_cols + human_cols
     n_models = max(len(analysis.coverage.models[m]) for m in modalities)
-    fig, axes = plt.subplots(len(modalities), 1, squeeze=False,
-                             figsize=(1.0 + 0.75 * len(cols), 1.2 + (0.45 * n_models + 0.9) * len(modalities)))
+    fig, axes = plt.subplots(
+        len(modalities),
+        1,
+        squeeze=False,
+        figsize=(1.0 + 0.75 * len(cols), 1.2 + (0.45 * n_models + 0.9) * len(modalities)),
+    )
     for ax, modality in zip(axes[:, 0], modalities):
         models = analysis.coverage.models[modality]
         grid = np.full((len(models), len(cols)), np.nan)
@@ -144,14 +158,26 @@ def ranking_figure(analysis: Analysis, metric: str, path: Path) -> Path:
         for j in range(len(cols)):
             ties = tied(list(grid[:, j]))
             for i in range(len(models)):
-                ax.text(j, i, fmt_rank(grid[i, j], ties[i]), ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] > (len(models) + 1) / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt_rank(grid[i, j], ties[i]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if grid[i, j] > (len(models) + 1) / 2 else "black",
+                )
         if human_cols:
             ax.axvline(len(ext_cols) - 0.5, color="red", linewidth=2)
-        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(cols)), [analysis.label(c) for c in ext_cols] + human_cols, rotation=60, ha="right", fontsize=8
+        )
         ax.set_yticks(range(len(models)), models, fontsize=8)
-        ax.set_title(f"{modality}: model ranks by {metric.upper()} per extractor"
-                     + (" | human criteria (right of the red line)" if human_cols else ""), fontsize=9)
+        ax.set_title(
+            f"{modality}: model ranks by {metric.upper()} per extractor"
+            + (" | human criteria (right of the red line)" if human_cols else ""),
+            fontsize=9,
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -164,14 +190,21 @@ def scatter_figure(analysis: Analysis, modality: str, metric: str, path: Path) -
     plt = _plt()
     models = analysis.coverage.models[modality]
     exts = analysis.coverage.extractors
-    fd = {(r["extractor"], r["model"]): r["value"] for r in analysis.tables["fd_values"]
-          if r["modality"] == modality and r["metric"] == metric}
+    fd = {
+        (r["extractor"], r["model"]): r["value"]
+        for r in analysis.tables["fd_values"]
+        if r["modality"] == modality and r["metric"] == metric
+    }
     human = {r["model"]: r for r in analysis.tables["human_scores"] if r["modality"] == modality}
-    corr = {(r["extractor"], r["criterion"]): r for r in analysis.tables["correlations"]
-            if r["modality"] == modality and r["metric"] == metric}
+    corr = {
+        (r["extractor"], r["criterion"]): r
+        for r in analysis.tables["correlations"]
+        if r["modality"] == modality and r["metric"] == metric
+    }
     crits = analysis.criteria
-    fig, axes = plt.subplots(len(crits), len(exts), squeeze=False,
-                             figsize=(0.4 + 2.3 * len(exts), 0.4 + 2.2 * len(crits)))
+    fig, axes = plt.subplots(
+        len(crits), len(exts), squeeze=False, figsize=(0.4 + 2.3 * len(exts), 0.4 + 2.2 * len(crits))
+    )
     for i, c in enumerate(crits):
         for j, ex in enumerate(exts):
             ax = axes[i, j]
@@ -181,7 +214,7 @@ def scatter_figure(analysis: Analysis, modality: str, metric: str, path: Path) -
             for m, xv, yv in zip(models, x, y):
                 ax.annotate(m, (xv, yv), fontsize=6, xytext=(2, 2), textcoords="offset points")
             r = corr[(ex, c.name)]
-            ax.set_title(f"{ex}\nr={fmt(r['pearson'])} p={fmt(r['pearson_p'])}", fontsize=7)
+            ax.set_title(f"{analysis.label(ex)}\nr={fmt(r['pearson'])} p={fmt(r['pearson_p'])}", fontsize=7)
             ax.tick_params(labelsize=6)
             if i == len(crits) - 1:
                 ax.set_xlabel(metric.upper(), fontsize=7)
@@ -189,8 +222,14 @@ def scatter_figure(analysis: Analysis, modality: str, metric: str, path: Path) -
                 ax.set_ylabel(c.name, fontsize=7)
     fig.suptitle(f"{modality}: {metric.upper()} vs human scores (means over raters)", fontsize=9)
     # fixed margins: tight_layout costs seconds with dozens of panels
-    fig.subplots_adjust(left=0.5 / fig.get_figwidth() + 0.03, right=0.98, bottom=0.5 / fig.get_figheight() + 0.05,
-                        top=1 - 0.45 / fig.get_figheight() - 0.05, wspace=0.35, hspace=0.75)
+    fig.subplots_adjust(
+        left=0.5 / fig.get_figwidth() + 0.03,
+        right=0.98,
+        bottom=0.5 / fig.get_figheight() + 0.05,
+        top=1 - 0.45 / fig.get_figheight() - 0.05,
+        wspace=0.35,
+        hspace=0.75,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -203,8 +242,9 @@ def agreement_figure(analysis: Analysis, metric: str, path: Path) -> Path:
     exts = analysis.coverage.extractors
     modalities = analysis.coverage.modalities
     k = len(exts)
-    fig, axes = plt.subplots(1, len(modalities), squeeze=False,
-                             figsize=(0.8 + (0.45 * k + 1.2) * len(modalities), 1.2 + 0.45 * k))
+    fig, axes = plt.subplots(
+        1, len(modalities), squeeze=False, figsize=(0.8 + (0.45 * k + 1.2) * len(modalities), 1.2 + 0.45 * k)
+    )
     for ax, modality in zip(axes[0], modalities):
         grid = np.eye(k)
         for r in analysis.tables.get("extractor_agreement", []):
@@ -214,10 +254,12 @@ def agreement_figure(analysis: Analysis, metric: str, path: Path) -> Path:
         ax.imshow(grid, cmap="coolwarm_r", vmin=-1, vmax=1)
         for a in range(k):
             for b in range(k):
-                ax.text(b, a, fmt(grid[a, b]) if not math.isnan(grid[a, b]) else "n/a", ha="center",
-                        va="center", fontsize=6)
-        ax.set_xticks(range(k), exts, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(k), exts, fontsize=7)
+                ax.text(
+                    b, a, fmt(grid[a, b]) if not math.isnan(grid[a, b]) else "n/a", ha="center", va="center", fontsize=6
+                )
+        names = [analysis.label(e) for e in exts]
+        ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
         ax.set_title(f"{modality}: Spearman of {metric.upper()} between extractors", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,96 +271,183 @@ def agreement_figure(analysis: Analysis, metric: str, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables for people
 
+
 def ranking_table(analysis: Analysis, modality: str, metric: str) -> Table:
     rows = [r for r in analysis.tables["rankings"] if r["modality"] == modality and r["metric"] == metric]
     rankers = list(dict.fromkeys(r["ranker"] for r in rows))
     models = analysis.coverage.models[modality]
     by = {(r["ranker"], r["model"]): r for r in rows}
+    heading = {rk: analysis.label(rk) if by[(rk, models[0])]["kind"] == "extractor" else rk for rk in rankers}
     out = []
     for model in models:
         row: dict[str, Any] = {"model": model}
         for rk in rankers:
             ranks = [by[(rk, m)]["rank"] for m in models]
             r = by[(rk, model)]
-            row[rk] = f"{fmt_rank(r['rank'], tied(ranks)[models.index(model)])} ({fmt(r['value'])})"
+            row[heading[rk]] = f"{fmt_rank(r['rank'], tied(ranks)[models.index(model)])} ({fmt(r['value'])})"
         out.append(row)
-    return Table(f"rankings_{modality}_{metric}", f"{modality}: ranks by {metric.upper()} (value) and by humans",
-                 out, ["model", *rankers])
+    return Table(
+        f"rankings_{modality}_{metric}",
+        f"{modality}: ranks by {metric.upper()} (value) and by humans",
+        out,
+        ["model", *heading.values()],
+    )
+
+
+def labelled(analysis: Analysis, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Display copies of ``rows`` with every extractor named as people see it (``swav [RANDOM-INIT]``)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        for col in ("extractor", "extractor_a", "extractor_b"):
+            if col in r:
+                r[col] = analysis.label(r[col])
+        if "extractors" in r:
+            r["extractors"] = " ".join(analysis.label(e) for e in str(r["extractors"]).split())
+        out.append(r)
+    return out
+
+
+def random_init_banner(analysis: Analysis) -> list[str]:
+    """The report's opening warning when any analysed number came from a random-init extractor."""
+    if not analysis.random_init:
+        return []
+    names = ", ".join(analysis.label(e) for e in analysis.random_init)
+    return [
+        f"!! {RANDOM_BANNER}: the numbers of {names} come from random-init extractors (no pretrained weights). "
+        f"They test the plumbing only: they are NOT comparable to any published FD, and rankings, correlations "
+        f"and agreement made with them say nothing about image quality. Install the weights (`fidmed weights "
+        f"list`) and evaluate again for real scores."
+    ]
 
 
 def _table(name: str, title: str, rows: list[dict[str, Any]], first: Sequence[str] = ()) -> Table:
     return Table(name, title, rows, columns_of(rows, first))
 
 
-def build_report(analysis: Analysis, out_dir: str | Path, title: str = "fidmed: FD rankings and human judgement",
-                 write: bool = True) -> Report:
+def build_report(
+    analysis: Analysis, out_dir: str | Path, title: str = "fidmed: FD rankings and human judgement", write: bool = True
+) -> Report:
     """Figures and CSV tables under ``out_dir``, then (``write``) ``report.md`` and ``report.html``."""
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     has_human = "correlations" in analysis.tables
     s = analysis.settings
-    intro = Section("Settings", [
-        f"Metrics: {', '.join(s['metrics'])}. Models are named by the results column `{s['model_column']}`.",
-        f"Ties: {s['tie_rule']}. Wherever a rank is shown, `=` after it marks a tie (e.g. `2.5=`).",
-    ])
+    intro = Section(
+        "Settings",
+        [
+            f"Metrics: {', '.join(s['metrics'])}. Models are named by the results column `{s['model_column']}`.",
+            f"Ties: {s['tie_rule']}. Wherever a rank is shown, `=` after it marks a tie (e.g. `2.5=`).",
+        ],
+    )
     if has_human:
-        intro.text.append("Human criteria (means over raters): " + "; ".join(
-            f"`{c.name}` = {c.description}" for c in analysis.criteria) + ".")
+        intro.text.append(
+            "Human criteria (means over raters): "
+            + "; ".join(f"`{c.name}` = {c.description}" for c in analysis.criteria)
+            + "."
+        )
         intro.text.append(
             f"Correlations are over the models of a modality; p-values are SciPy's (two-sided). Confidence "
             f"intervals: {int(s['ci'] * 100)}% percentile bootstrap, {s['n_boot']} replicates resampling "
             f"{s['bootstrap']} (seed {s['seed']}). An extractor agrees with humans when the sign of r equals "
-            f"`expected_sign` (FD lower = better; FPR and KS p higher = better).")
+            f"`expected_sign` (FD lower = better; FPR and KS p higher = better)."
+        )
     intro.text.extend(f"Note: {n}" for n in analysis.notes)
     sections = [intro]
 
     rank_section = Section("Rankings")
     for metric in analysis.coverage.metrics:
         path = ranking_figure(analysis, metric, fig_dir / f"rankings_{metric}.png")
-        rank_section.figures.append(Figure(f"rankings_{metric}", f"Model ranks by {metric.upper()} per extractor"
-                                           + (" and by human criteria" if has_human else "")
-                                           + " (1 = best; = marks ties; average ranks).", path))
+        rank_section.figures.append(
+            Figure(
+                f"rankings_{metric}",
+                f"Model ranks by {metric.upper()} per extractor"
+                + (" and by human criteria" if has_human else "")
+                + " (1 = best; = marks ties; average ranks).",
+                path,
+            )
+        )
         for modality in analysis.coverage.modalities:
             rank_section.tables.append(ranking_table(analysis, modality, metric))
     sections.append(rank_section)
 
     if has_human:
         corr_section = Section("FD against human judgement")
-        corr_section.tables.append(_table("correlations", "Correlations of FD with human scores",
-                                          analysis.tables["correlations"],
-                                          ["modality", "metric", "extractor", "criterion", "n_models", "expected_sign",
-                                           "pearson", "pearson_p", "pearson_ci_low", "pearson_ci_high",
-                                           "spearman", "spearman_p", "spearman_ci_low", "spearman_ci_high",
-                                           "kendall", "kendall_p", "kendall_ci_low", "kendall_ci_high"]))
+        corr_section.tables.append(
+            _table(
+                "correlations",
+                "Correlations of FD with human scores",
+                labelled(analysis, analysis.tables["correlations"]),
+                [
+                    "modality",
+                    "metric",
+                    "extractor",
+                    "criterion",
+                    "n_models",
+                    "expected_sign",
+                    "pearson",
+                    "pearson_p",
+                    "pearson_ci_low",
+                    "pearson_ci_high",
+                    "spearman",
+                    "spearman_p",
+                    "spearman_ci_low",
+                    "spearman_ci_high",
+                    "kendall",
+                    "kendall_p",
+                    "kendall_ci_low",
+                    "kendall_ci_high",
+                ],
+            )
+        )
         human_rows = mark_ties(analysis.tables["human_scores"], [f"rank_{c.name}" for c in analysis.criteria])
-        corr_section.tables.append(_table("human_scores", "Human scores per model (means over raters) and ranks "
-                                                          "(= marks a tie)", human_rows,
-                                          ["modality", "model", "n_raters"]))
+        corr_section.tables.append(
+            _table(
+                "human_scores",
+                "Human scores per model (means over raters) and ranks (= marks a tie)",
+                human_rows,
+                ["modality", "model", "n_raters"],
+            )
+        )
         if any("t_not_rejected" in r for r in human_rows):
-            corr_section.text.append("`ks_not_rejected` / `t_not_rejected`: raters whose KS / t test does not reject "
-                                     f"at alpha = {s['alpha']}; an undefined t test (one answer to every image, "
-                                     "counted in `t_undefined`) counts as not rejected.")
+            corr_section.text.append(
+                "`ks_not_rejected` / `t_not_rejected`: raters whose KS / t test does not reject "
+                f"at alpha = {s['alpha']}; an undefined t test (one answer to every image, "
+                "counted in `t_undefined`) counts as not rejected."
+            )
         for modality in analysis.coverage.modalities:
             for metric in analysis.coverage.metrics:
                 path = scatter_figure(analysis, modality, metric, fig_dir / f"scatter_{modality}_{metric}.png")
-                corr_section.figures.append(Figure(f"scatter_{modality}_{metric}",
-                                                   f"{modality}: {metric.upper()} against human scores", path))
+                corr_section.figures.append(
+                    Figure(f"scatter_{modality}_{metric}", f"{modality}: {metric.upper()} against human scores", path)
+                )
         sections.append(corr_section)
 
     agree = Section("Agreement between extractors")
-    agree.tables.append(_table("kendall_w", "Kendall's W (tie-corrected) with chi-square test",
-                               analysis.tables["kendall_w"], ["modality", "metric", "group", "m", "n", "W", "chi2",
-                                                              "df", "p"]))
+    agree.tables.append(
+        _table(
+            "kendall_w",
+            "Kendall's W (tie-corrected) with chi-square test",
+            labelled(analysis, analysis.tables["kendall_w"]),
+            ["modality", "metric", "group", "m", "n", "W", "chi2", "df", "p"],
+        )
+    )
     if analysis.tables.get("extractor_agreement"):
-        agree.tables.append(_table("extractor_agreement", "Pairwise rank correlation of FDs between extractors",
-                                   analysis.tables["extractor_agreement"]))
+        agree.tables.append(
+            _table(
+                "extractor_agreement",
+                "Pairwise rank correlation of FDs between extractors",
+                labelled(analysis, analysis.tables["extractor_agreement"]),
+            )
+        )
         for metric in analysis.coverage.metrics:
             path = agreement_figure(analysis, metric, fig_dir / f"agreement_{metric}.png")
-            agree.figures.append(Figure(f"agreement_{metric}", f"Spearman correlation of {metric.upper()} between "
-                                                               f"extractors", path))
+            agree.figures.append(
+                Figure(f"agreement_{metric}", f"Spearman correlation of {metric.upper()} between extractors", path)
+            )
     sections.append(agree)
 
-    report = Report(title, out_dir, sections)
+    report = Report(title, out_dir, sections, banner=random_init_banner(analysis))
     for name, rows in analysis.tables.items():  # full-precision CSVs of every analysis table
         path = write_csv_rows(out_dir / "tables" / f"{name}.csv", rows, columns_of(rows))
         for t in report.tables:
@@ -333,12 +462,14 @@ def build_report(analysis: Analysis, out_dir: str | Path, title: str = "fidmed: 
 # ---------------------------------------------------------------------------------------------------------------
 # Writers
 
+
 def _md_cell(v: Any) -> str:
     return fmt(v).replace("|", "\\|").replace("\n", " ")
 
 
 def write_markdown(report: Report) -> Path:
     lines = [f"# {report.title}", ""]
+    lines += [line for b in report.banner for line in (f"> **{b}**", "")]
     for s in report.sections:
         lines += [f"## {s.title}", ""]
         lines += [*(f"{t}" for t in s.text), ""] if s.text else []
@@ -360,25 +491,34 @@ def write_markdown(report: Report) -> Path:
 
 def write_html(report: Report) -> Path:
     e = html.escape
-    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-             "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
-             "style-src 'unsafe-inline'\">",
-             f"<title>{e(report.title)}</title><style>body{{font-family:system-ui,sans-serif;margin:24px;}}"
-             "table{border-collapse:collapse;font-size:12px;margin:8px 0 20px;}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;}th{background:#eee;}"
-             "td:first-child,th:first-child{text-align:left;}img{max-width:100%;}figure{margin:12px 0;}"
-             "figcaption{font-size:13px;color:#444;}</style></head><body>",
-             f"<h1>{e(report.title)}</h1>"]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>{e(report.title)}</title><style>body{{font-family:system-ui,sans-serif;margin:24px;}}"
+        "table{border-collapse:collapse;font-size:12px;margin:8px 0 20px;}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;}th{background:#eee;}"
+        "td:first-child,th:first-child{text-align:left;}img{max-width:100%;}figure{margin:12px 0;}"
+        "figcaption{font-size:13px;color:#444;}.banner{background:#b71c1c;color:#fff;font-weight:bold;"
+        "padding:10px 14px;border-radius:4px;}</style></head><body>",
+        f"<h1>{e(report.title)}</h1>",
+    ]
+    parts += [f"<p class='banner' role='alert'>{e(b)}</p>" for b in report.banner]
     for s in report.sections:
         parts.append(f"<h2>{e(s.title)}</h2>")
         parts += [f"<p>{e(t)}</p>" for t in s.text]
         for f in s.figures:
             data = base64.b64encode(f.path.read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{e(f.caption)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{e(f.caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{e(f.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{e(f.caption)}</figcaption></figure>"
+            )
         for t in s.tables:
-            parts.append(f"<h3>{e(t.title)}</h3><table><thead><tr>"
-                         + "".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr></thead><tbody>")
+            parts.append(
+                f"<h3>{e(t.title)}</h3><table><thead><tr>"
+                + "".join(f"<th>{e(c)}</th>" for c in t.columns)
+                + "</tr></thead><tbody>"
+            )
             parts += ["<tr>" + "".join(f"<td>{e(fmt(r.get(c)))}</td>" for c in t.columns) + "</tr>" for r in t.rows]
             parts.append("</tbody></table>")
     parts.append("</body></html>")
@@ -406,10 +546,13 @@ def log_report_to_wandb(report: Report, run: Any, prefix: str = "analysis") -> d
 
     payload: dict[str, Any] = {}
     for t in report.tables:
-        payload[f"{prefix}/{t.name}"] = wandb.Table(columns=list(t.columns),
-                                                    data=[[_wandb_cell(r.get(c)) for c in t.columns] for r in t.rows])
+        payload[f"{prefix}/{t.name}"] = wandb.Table(
+            columns=list(t.columns), data=[[_wandb_cell(r.get(c)) for c in t.columns] for r in t.rows]
+        )
     for f in report.figures:
         payload[f"{prefix}/figures/{f.name}"] = wandb.Image(str(f.path), caption=f.caption)
+    if report.banner:
+        payload[f"{prefix}/banner"] = wandb.Html("".join(f"<p><b>{html.escape(b)}</b></p>" for b in report.banner))
     if report.html_path is not None and report.html_path.is_file():
         payload[f"{prefix}/report"] = wandb.Html(report.html_path.read_text(encoding="utf-8"))
     run.log(payload)

@@ -1,4 +1,4 @@
-"""Visual Turing test (VTT) scores, per rater and model, as in the study (REFERENCE.md section 6).
+"""Visual Turing test (VTT) scores, per rater and model, as in the study (docs/vtt.md).
 
 Each answer says whether a rater called an image "real" or "generated" and gives a Likert realism rating
 (higher = more real). "Positive" means *real*, so, per rater and model, with TP = real images called real,
@@ -40,9 +40,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -86,14 +87,21 @@ class Criterion:
     description: str
 
 
-CRITERIA: dict[str, Criterion] = {c.name: c for c in (
-    Criterion("fpr", "fpr", True, "mean FPR: share of generated images called real (higher = more convincing)"),
-    Criterion("diff", "diff", False, "mean Diff = mean Likert(real) - mean Likert(generated) (lower = better)"),
-    Criterion("ks", "ks_pvalue", True, "mean exact KS p-value of the Likert ratings, real vs generated "
-                                       "(higher = harder to tell apart)"),
-    Criterion("ks_stat", "ks_statistic", False, "mean KS statistic D of the Likert ratings (lower = better)"),
-    Criterion("accuracy", "accuracy", False, "mean accuracy of the real/generated answers (lower = better)"),
-)}
+CRITERIA: dict[str, Criterion] = {
+    c.name: c
+    for c in (
+        Criterion("fpr", "fpr", True, "mean FPR: share of generated images called real (higher = more convincing)"),
+        Criterion("diff", "diff", False, "mean Diff = mean Likert(real) - mean Likert(generated) (lower = better)"),
+        Criterion(
+            "ks",
+            "ks_pvalue",
+            True,
+            "mean exact KS p-value of the Likert ratings, real vs generated (higher = harder to tell apart)",
+        ),
+        Criterion("ks_stat", "ks_statistic", False, "mean KS statistic D of the Likert ratings (lower = better)"),
+        Criterion("accuracy", "accuracy", False, "mean accuracy of the real/generated answers (lower = better)"),
+    )
+}
 DEFAULT_CRITERIA = ("ks", "diff", "fpr")
 
 
@@ -144,6 +152,7 @@ RATER_SCORE_COLUMNS = tuple(f.name for f in fields(RaterScore))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The statistics on arrays (also used by the bootstrap in fidmed.analysis.alignment)
+
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided two-sample KS statistic D = max |F_a - F_b| over the pooled values.
@@ -239,13 +248,18 @@ def exact_mean(values: np.ndarray) -> Fraction:
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         raise FidmedError("the mean of no values")
-    if np.all(v == np.round(v)) and float(np.abs(v).sum()) < 2.0 ** 53:  # integers: the float sum is exact
+    if np.all(v == np.round(v)) and float(np.abs(v).sum()) < 2.0**53:  # integers: the float sum is exact
         return Fraction(int(v.sum()), len(v))
     return sum((Fraction(repr(float(x))) for x in v), Fraction(0)) / len(v)
 
 
-def rater_scores(real_called_real: np.ndarray, gen_called_real: np.ndarray, real_ratings: np.ndarray,
-                 gen_ratings: np.ndarray, ks: KSTest | None = None) -> dict[str, Any]:
+def rater_scores(
+    real_called_real: np.ndarray,
+    gen_called_real: np.ndarray,
+    real_ratings: np.ndarray,
+    gen_ratings: np.ndarray,
+    ks: KSTest | None = None,
+) -> dict[str, Any]:
     """The study's scores from one rater's answers on one model's real and generated images."""
     real_called_real = np.asarray(real_called_real, dtype=bool)
     gen_called_real = np.asarray(gen_called_real, dtype=bool)
@@ -264,16 +278,34 @@ def rater_scores(real_called_real: np.ndarray, gen_called_real: np.ndarray, real
     d, ks_p, ks_method = (ks or KSTest())(real_ratings, gen_ratings)
     exact_real, exact_gen = exact_mean(real_ratings), exact_mean(gen_ratings)
     mean_real, mean_gen = float(exact_real), float(exact_gen)
-    return dict(n_real=len(real_called_real), n_generated=len(gen_called_real), tp=tp, fn=fn, fp=fp, tn=tn,
-                precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn),
-                accuracy=_ratio(tp + tn, tp + fn + fp + tn), fpr=_ratio(fp, fp + tn), fnr=_ratio(fn, tp + fn),
-                t_statistic=t, t_pvalue=p, t_df=df, mean_rating_real=mean_real, mean_rating_generated=mean_gen,
-                diff=float(exact_real - exact_gen), ks_statistic=d, ks_pvalue=ks_p, ks_method=ks_method,
-                note="; ".join(notes))
+    return dict(
+        n_real=len(real_called_real),
+        n_generated=len(gen_called_real),
+        tp=tp,
+        fn=fn,
+        fp=fp,
+        tn=tn,
+        precision=_ratio(tp, tp + fp),
+        recall=_ratio(tp, tp + fn),
+        accuracy=_ratio(tp + tn, tp + fn + fp + tn),
+        fpr=_ratio(fp, fp + tn),
+        fnr=_ratio(fn, tp + fn),
+        t_statistic=t,
+        t_pvalue=p,
+        t_df=df,
+        mean_rating_real=mean_real,
+        mean_rating_generated=mean_gen,
+        diff=float(exact_real - exact_gen),
+        ks_statistic=d,
+        ks_pvalue=ks_p,
+        ks_method=ks_method,
+        note="; ".join(notes),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Answers: validation and scoring
+
 
 def answers_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "answers") -> list[Answer]:
     """Answers from a long table (columns ``ANSWER_COLUMNS``); checks values, not yet consistency."""
@@ -286,8 +318,9 @@ def answers_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "answers"
         values = {c: str(row[c]).strip() for c in ANSWER_COLUMNS if c != "rating"}
         empty = [c for c, v in values.items() if v == "" and c != "modality"]
         if empty:
-            raise DataError(f"{where}: empty {', '.join(empty)}; every answer needs a rater, model, image_id, "
-                            f"truth and answer.")
+            raise DataError(
+                f"{where}: empty {', '.join(empty)}; every answer needs a rater, model, image_id, truth and answer."
+            )
         for col in ("truth", "answer"):
             values[col] = values[col].lower()
             if values[col] not in TRUTHS:
@@ -301,14 +334,19 @@ def check_answers(answers: Sequence[Answer]) -> None:
     """Raise DataError naming exactly what is wrong: duplicates, inconsistent images, empty groups, and raters who
     did not see the same images of a model."""
     if not answers:
-        raise DataError("no answers to score.")
+        raise DataError(
+            "no answers to score; pass the raters' downloaded answer CSVs and the key file "
+            "(vtt/<name>.key.json from `fidmed vtt make`)."
+        )
     seen: dict[tuple[str, str, str], int] = defaultdict(int)
     for a in answers:
         seen[(a.modality, a.rater, a.image_id)] += 1
     dups = [f"rater {r} image {i}" + (f" ({m})" if m else "") + f" x{n}" for (m, r, i), n in seen.items() if n > 1]
     if dups:
-        raise DataError(f"duplicate answers (each rater answers each image once): {format_list(dups)}. Remove "
-                        f"the extra rows or pass each answer file once.")
+        raise DataError(
+            f"duplicate answers (each rater answers each image once): {format_list(dups)}. Remove "
+            f"the extra rows or pass each answer file once."
+        )
     image_info: dict[tuple[str, str], tuple[str, str]] = {}
     conflicts = []
     for a in answers:
@@ -316,33 +354,45 @@ def check_answers(answers: Sequence[Answer]) -> None:
         if info != (a.model, a.truth):
             conflicts.append(f"image {a.image_id}: {info[0]}/{info[1]} vs {a.model}/{a.truth} (rater {a.rater})")
     if conflicts:
-        raise DataError(f"the same image has different models or truths in different rows: "
-                        f"{format_list(conflicts)}.")
+        raise DataError(f"the same image has different models or truths in different rows: {format_list(conflicts)}.")
     groups: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     truths: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for a in answers:
         groups[(a.modality, a.model)][a.rater].add(a.image_id)
         truths[(a.modality, a.model, a.rater)].add(a.truth)
-    lacking = [f"rater {r}, model {mo}" + (f" ({m})" if m else "") + f": no {t} images"
-               for (m, mo, r), ts in truths.items() for t in TRUTHS if t not in ts]
+    lacking = [
+        f"rater {r}, model {mo}" + (f" ({m})" if m else "") + f": no {t} images"
+        for (m, mo, r), ts in truths.items()
+        for t in TRUTHS
+        if t not in ts
+    ]
     if lacking:
-        raise DataError(f"every rater needs real and generated images of every model they scored: "
-                        f"{format_list(lacking)}.")
+        raise DataError(
+            f"every rater needs real and generated images of every model they scored: {format_list(lacking)}."
+        )
     raters_by_modality: dict[str, set[str]] = defaultdict(set)
     for (m, _), by_rater in groups.items():
         raters_by_modality[m].update(by_rater)
     for (m, model), by_rater in sorted(groups.items()):
         absent = sorted(raters_by_modality[m] - set(by_rater))
         if absent:
-            raise DataError(f"model {model}" + (f" ({m})" if m else "") + f" has no answers from rater(s) "
-                            f"{', '.join(absent)}, who answered other models; every rater must score every model.")
+            raise DataError(
+                f"model {model}" + (f" ({m})" if m else "") + f" has no answers from rater(s) "
+                f"{', '.join(absent)}, who answered other models; every rater must score every model."
+            )
         union = set().union(*by_rater.values())
-        diffs = [f"rater {r} lacks {format_list(sorted(union - ims), 6)}"
-                 for r, ims in sorted(by_rater.items()) if ims != union]
+        diffs = [
+            f"rater {r} lacks {format_list(sorted(union - ims), 6)}"
+            for r, ims in sorted(by_rater.items())
+            if ims != union
+        ]
         if diffs:
-            raise DataError(f"raters saw different image sets for model {model}" + (f" ({m})" if m else "")
-                            + f": {'; '.join(diffs)}. Every rater must answer the same images of a model "
-                              f"(fidmed vtt make gives them the same images in different orders).")
+            raise DataError(
+                f"raters saw different image sets for model {model}"
+                + (f" ({m})" if m else "")
+                + f": {'; '.join(diffs)}. Every rater must answer the same images of a model "
+                f"(fidmed vtt make gives them the same images in different orders)."
+            )
 
 
 def score_answers(answers: Sequence[Answer], ks: KSTest | None = None) -> list[RaterScore]:
@@ -357,8 +407,13 @@ def score_answers(answers: Sequence[Answer], ks: KSTest | None = None) -> list[R
         items = sorted(items, key=lambda a: a.image_id)
         real = [a for a in items if a.truth == REAL]
         gen = [a for a in items if a.truth == GENERATED]
-        s = rater_scores(np.array([a.answer == REAL for a in real]), np.array([a.answer == REAL for a in gen]),
-                         np.array([a.rating for a in real]), np.array([a.rating for a in gen]), ks)
+        s = rater_scores(
+            np.array([a.answer == REAL for a in real]),
+            np.array([a.answer == REAL for a in gen]),
+            np.array([a.rating for a in real]),
+            np.array([a.rating for a in gen]),
+            ks,
+        )
         out.append(RaterScore(modality=modality, rater=rater, model=model, **s))
     return out
 
@@ -372,7 +427,7 @@ EXACT_COLUMNS = AGGREGATED + COUNT_COLUMNS  # read from tables as exact fraction
 # A value "on a grid" of 1/q is rebuilt as that fraction when its float or decimal lies within this relative distance
 # of it: far above float rounding (~1e-16), far below the spacing of values off the grid (Diff from ratings with
 # decimals: 1/(q 10^d)).
-_GRID_TOLERANCE = Fraction(1, 10 ** 12)
+_GRID_TOLERANCE = Fraction(1, 10**12)
 
 
 def exact_number(value: Any) -> Fraction | None:
@@ -420,11 +475,15 @@ def _denominator(row: Mapping[str, Any], column: str) -> int | None:
         n_real = tp + fn
     if n_gen is None and fp is not None and tn is not None:
         n_gen = fp + tn
-    q = {"fpr": n_gen, "fnr": n_real, "recall": n_real,
-         "accuracy": n_real + n_gen if n_real is not None and n_gen is not None else None,
-         "precision": tp + fp if tp is not None and fp is not None else None,
-         "diff": n_real * n_gen if n_real is not None and n_gen is not None else None,  # integer Likert ratings
-         "ks_statistic": n_real * n_gen if n_real is not None and n_gen is not None else None}.get(column)
+    q = {
+        "fpr": n_gen,
+        "fnr": n_real,
+        "recall": n_real,
+        "accuracy": n_real + n_gen if n_real is not None and n_gen is not None else None,
+        "precision": tp + fp if tp is not None and fp is not None else None,
+        "diff": n_real * n_gen if n_real is not None and n_gen is not None else None,  # integer Likert ratings
+        "ks_statistic": n_real * n_gen if n_real is not None and n_gen is not None else None,
+    }.get(column)
     return q if q else None
 
 
@@ -499,16 +558,21 @@ def score_rows_from_table(rows: Sequence[Mapping[str, Any]], source: str = "scor
     for col in ("modality", "rater", "model"):
         if rows and col not in rows[0]:
             raise DataError(f"{source} lacks the column {col}.")
-    numeric = [c for c in RATER_SCORE_COLUMNS if rows and c in rows[0] and c not in
-               ("modality", "rater", "model", "ks_method", "note")]
+    numeric = [
+        c
+        for c in RATER_SCORE_COLUMNS
+        if rows and c in rows[0] and c not in ("modality", "rater", "model", "ks_method", "note")
+    ]
     if not any(c.column in numeric for c in CRITERIA.values()):
         raise DataError(f"{source} has none of the score columns {', '.join(c.column for c in CRITERIA.values())}.")
     out, seen = [], set()
     for i, row in enumerate(rows, start=2):
         key = (row["modality"], row["rater"], row["model"])
         if key in seen:
-            raise DataError(f"{source} line {i}: a second row for modality {key[0]!r}, rater {key[1]!r}, model "
-                            f"{key[2]!r}; each rater scores each model once.")
+            raise DataError(
+                f"{source} line {i}: a second row for modality {key[0]!r}, rater {key[1]!r}, model "
+                f"{key[2]!r}; each rater scores each model once."
+            )
         seen.add(key)
         rec: dict[str, Any] = {"modality": row["modality"], "rater": row["rater"], "model": row["model"]}
         for c in numeric:
@@ -526,8 +590,11 @@ def check_score_rows(rows: Sequence[Mapping[str, Any]], source: str = "scores") 
         by_modality[r["modality"]][r["model"]].add(r["rater"])
     for m, by_model in by_modality.items():
         raters = set().union(*by_model.values())
-        gaps = [f"model {model} lacks rater(s) {', '.join(sorted(raters - rs))}"
-                for model, rs in sorted(by_model.items()) if rs != raters]
+        gaps = [
+            f"model {model} lacks rater(s) {', '.join(sorted(raters - rs))}"
+            for model, rs in sorted(by_model.items())
+            if rs != raters
+        ]
         if gaps:
             raise DataError(f"{source}, modality {m!r}: {'; '.join(gaps)}. Every rater must score every model.")
 
@@ -539,8 +606,9 @@ def _sd(values: Sequence[Fraction | None], mean: Fraction | None) -> float:
     return math.sqrt(sum(((v - mean) ** 2 for v in values), Fraction(0)) / (len(values) - 1))
 
 
-def aggregate_scores(scores: Sequence[RaterScore | Mapping[str, Any]], alpha: float = 0.05,
-                     criteria: Sequence[Criterion] | None = None) -> list[dict[str, Any]]:
+def aggregate_scores(
+    scores: Sequence[RaterScore | Mapping[str, Any]], alpha: float = 0.05, criteria: Sequence[Criterion] | None = None
+) -> list[dict[str, Any]]:
     """Per (modality, model): number of raters, mean and SD (ddof 1) over raters of each score, how many raters'
     KS and t tests did not reject at ``alpha`` (the study's grey boxes), and per-modality ranks by each criterion.
 

@@ -21,8 +21,9 @@ cells are errors naming the line.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -69,9 +70,15 @@ def _run(test: str, x: np.ndarray, y: np.ndarray, alternative: str) -> tuple[flo
     return float(r.statistic), float(r.pvalue), math.nan
 
 
-def study_tests(rows: Sequence[Mapping[str, Any]], test: str, num_col: str, split: str,
-                segments: Sequence[str] = (), alternative: str = "two-sided",
-                pair_by: Sequence[str] = ()) -> list[StatResult]:
+def study_tests(
+    rows: Sequence[Mapping[str, Any]],
+    test: str,
+    num_col: str,
+    split: str,
+    segments: Sequence[str] = (),
+    alternative: str = "two-sided",
+    pair_by: Sequence[str] = (),
+) -> list[StatResult]:
     """Run ``test`` between every pair of ``split`` labels, per segment. See the module docstring."""
     test = test.lower()
     if test not in TESTS:
@@ -79,7 +86,7 @@ def study_tests(rows: Sequence[Mapping[str, Any]], test: str, num_col: str, spli
     if alternative not in ALTERNATIVES:
         raise FidmedError(f"unknown alternative {alternative!r}; choose one of {', '.join(ALTERNATIVES)}.")
     if not rows:
-        raise DataError("the table has no rows.")
+        raise DataError("the table has no rows; pass a CSV with a header line and one row per observation.")
     needed = [num_col, split, *segments, *pair_by]
     missing = [c for c in dict.fromkeys(needed) if c not in rows[0]]
     if missing:
@@ -105,8 +112,9 @@ def study_tests(rows: Sequence[Mapping[str, Any]], test: str, num_col: str, spli
                 x = np.array([values[i] for i in x])
                 y = np.array([values[i] for i in y])
                 stat, p, df = _run(test, x, y, alternative)
-                out.append(StatResult(test, ", ".join(where), labels[a], labels[b], len(x), len(y), stat, p, df,
-                                      alternative))
+                out.append(
+                    StatResult(test, ", ".join(where), labels[a], labels[b], len(x), len(y), stat, p, df, alternative)
+                )
 
     recurse(numbered, list(segments), [])
     return out
@@ -118,8 +126,10 @@ def _pair(g1, g2, l1: str, l2: str, test: str, pair_by: Sequence[str], where: li
         return [i for i, _ in g1], [i for i, _ in g2]
     if not pair_by:
         if len(g1) != len(g2):
-            raise DataError(f"{test} pairs rows, but label {l1!r} has {len(g1)} rows and {l2!r} has {len(g2)}{seg}; "
-                            f"give every label the same rows (or pair them by key columns with --pair-by).")
+            raise DataError(
+                f"{test} pairs rows, but label {l1!r} has {len(g1)} rows and {l2!r} has {len(g2)}{seg}; "
+                f"give every label the same rows (or pair them by key columns with --pair-by)."
+            )
         return [i for i, _ in g1], [i for i, _ in g2]
 
     def keyed(group, label):
@@ -127,8 +137,10 @@ def _pair(g1, g2, l1: str, l2: str, test: str, pair_by: Sequence[str], where: li
         for i, r in group:
             k = tuple(str(r[c]) for c in pair_by)
             if k in keys:
-                raise DataError(f"label {label!r}{seg} has two rows with {dict(zip(pair_by, k))} (lines {keys[k]} "
-                                f"and {i}); --pair-by columns must identify a row.")
+                raise DataError(
+                    f"label {label!r}{seg} has two rows with {dict(zip(pair_by, k))} (lines {keys[k]} "
+                    f"and {i}); --pair-by columns must identify a row."
+                )
             keys[k] = i
         return keys
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from fidmed.errors import DataError, FidmedError
 
@@ -31,7 +32,7 @@ def read_csv_rows(path: str | os.PathLike, required: Sequence[str] = (), what: s
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist.")
+        raise DataError(f"{what} {path} does not exist; check the path (a .csv with a header line).")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
@@ -47,8 +48,10 @@ def read_csv_rows(path: str | os.PathLike, required: Sequence[str] = (), what: s
             if None in row:
                 raise DataError(f"{what} {path} line {line} has more fields than its header.")
             if all((v is None or str(v).strip() == "") for v in row.values()):
-                raise DataError(f"{what} {path} line {line} is blank; remove it (a blank line usually means a "
-                                f"truncated or hand-edited file).")
+                raise DataError(
+                    f"{what} {path} line {line} is blank; remove it (a blank line usually means a "
+                    f"truncated or hand-edited file)."
+                )
             rows.append({k: ("" if v is None else v.strip()) for k, v in row.items()})
     return rows
 
@@ -67,8 +70,9 @@ def columns_of(rows: Iterable[Mapping[str, Any]], first: Sequence[str] = ()) -> 
     return [c for c in first if c in seen] + [c for c in seen if c not in first]
 
 
-def write_csv_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                   columns: Sequence[str] | None = None) -> Path:
+def write_csv_rows(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
     """Write ``rows`` as CSV (floats with full precision via ``repr``; NaN as ``nan``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +85,9 @@ def write_csv_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     return path
 
 
-def write_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                columns: Sequence[str] | None = None) -> Path:
+def write_table(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
     """CSV, or Parquet when ``path`` ends with ``.parquet`` (needs pyarrow)."""
     path = Path(path)
     if path.suffix.lower() != ".parquet":
@@ -115,7 +120,7 @@ def read_table(path: str | os.PathLike, required: Sequence[str] = (), what: str 
     except ImportError:
         raise FidmedError(f"reading {path} needs pyarrow (`pip install pyarrow`); or pass a .csv file.") from None
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist.")
+        raise DataError(f"{what} {path} does not exist; check the path.")
     rows = pq.read_table(path).to_pylist()
     header = list(rows[0]) if rows else []
     missing = [c for c in required if c not in header]

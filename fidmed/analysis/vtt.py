@@ -1,4 +1,4 @@
-"""Making a blinded visual Turing test (VTT) and reading its answers back (REFERENCE.md section 6).
+"""Making a blinded visual Turing test (VTT) and reading its answers back (docs/vtt.md).
 
 ``make_vtt`` draws, per model, ``n_real`` real images (from a prepared image folder) and ``n_generated`` generated
 images (from a generator file, with seeds drawn at random from ``0 .. seed_pool-1`` and quantised exactly as the
@@ -23,9 +23,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,15 @@ class LikertScale:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.low, int) and isinstance(self.high, int) and 0 <= self.low < self.high <= 9):
-            raise ConfigError(f"Likert scale {self.low}..{self.high}: use integers with 0 <= low < high <= 9 "
-                              f"(each point is answered with its digit key).")
+            raise ConfigError(
+                f"Likert scale {self.low}..{self.high}: use integers with 0 <= low < high <= 9 "
+                f"(each point is answered with its digit key)."
+            )
         if self.labels and len(self.labels) != self.high - self.low + 1:
-            raise ConfigError(f"the Likert scale {self.low}..{self.high} has {self.high - self.low + 1} points but "
-                              f"{len(self.labels)} labels were given.")
+            raise ConfigError(
+                f"the Likert scale {self.low}..{self.high} has {self.high - self.low + 1} points but "
+                f"{len(self.labels)} labels were given."
+            )
 
     @property
     def points(self) -> list[int]:
@@ -87,8 +92,9 @@ def rater_names(raters: int | Sequence[str]) -> list[str]:
         raise ConfigError("a visual Turing test needs at least one rater.")
     bad = [n for n in names if not _NAME_RE.match(n)]
     if bad:
-        raise ConfigError(f"rater name(s) {', '.join(map(repr, bad))}: use letters, digits, '_', '-', '.' (they "
-                          f"become file names).")
+        raise ConfigError(
+            f"rater name(s) {', '.join(map(repr, bad))}: use letters, digits, '_', '-', '.' (they become file names)."
+        )
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise ConfigError(f"rater name(s) given twice: {', '.join(dups)}.")
@@ -105,8 +111,17 @@ def png_data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _generated_images(name: str, path: Path, n: int, rng: np.random.Generator, seed_pool: int,
-                      shape: tuple[int, ...], device: str, batch_size: int) -> tuple[np.ndarray, list[Any], dict]:
+def _generated_images(
+    name: str,
+    path: Path,
+    n: int,
+    rng: np.random.Generator,
+    seed_pool: int,
+    shape: tuple[int, ...],
+    device: str,
+    batch_size: int,
+    allow_modified_source: bool = False,
+) -> tuple[np.ndarray, list[Any], dict]:
     """``n`` generated images of one model: (uint8 [n, C, H, W], per-image source, model source record)."""
     if path.is_dir():
         from fidmed.data.folder import ImageFolderDataset
@@ -115,11 +130,16 @@ def _generated_images(name: str, path: Path, n: int, rng: np.random.Generator, s
         if len(ds) < n:
             raise DataError(f"model {name}: {path} holds {len(ds)} images, the test needs {n}.")
         if ds.image_shape != shape:
-            raise DataError(f"model {name}: images in {path} are {ds.image_shape} (C, H, W) but the real images are "
-                            f"{shape}; the test must show images of one size.")
+            raise DataError(
+                f"model {name}: images in {path} are {ds.image_shape} (C, H, W) but the real images are "
+                f"{shape}; the test must show images of one size."
+            )
         idx = np.sort(rng.choice(len(ds), n, replace=False))
-        return ds.get_batch(idx), [ds.files[i].relpath for i in idx], {"kind": "folder", "path": str(path),
-                                                                        "manifest_sha256": ds.manifest_hash()}
+        return (
+            ds.get_batch(idx),
+            [ds.files[i].relpath for i in idx],
+            {"kind": "folder", "path": str(path), "manifest_sha256": ds.manifest_hash()},
+        )
     if not path.is_file():
         raise DataError(f"model {name}: {path} is neither a generator file (.pt/.ckpt/.pkl) nor an image folder.")
     import torch
@@ -129,23 +149,47 @@ def _generated_images(name: str, path: Path, n: int, rng: np.random.Generator, s
 
     if seed_pool < n:
         raise ConfigError(f"seed_pool={seed_pool} is smaller than the {n} generated images needed.")
-    G, record = load_generator(path, device)
+    G, record = load_generator(path, device, allow_modified_source=allow_modified_source)
     g_shape = (int(G.img_channels), int(G.img_resolution), int(G.img_resolution))
     if g_shape != shape:
-        raise DataError(f"model {name}: generator {path} makes {g_shape} (C, H, W) images but the real images are "
-                        f"{shape}; use the real folder of the generator's modality and resolution.")
+        raise DataError(
+            f"model {name}: generator {path} makes {g_shape} (C, H, W) images but the real images are "
+            f"{shape}; use the real folder of the generator's modality and resolution."
+        )
     seeds = np.sort(rng.choice(seed_pool, n, replace=False))
     source = GeneratorSource(G, num=seed_pool, seed_start=0, device=device)
     images = torch.cat([batch for _, batch in source.batches(batch_size, indices=seeds)]).numpy()
-    return images, [int(s) for s in seeds], {"kind": "generator", "path": str(path), "kimg": record.get("kimg"),
-                                              **source.description, "seeds": "drawn per image"}
+    return (
+        images,
+        [int(s) for s in seeds],
+        {
+            "kind": "generator",
+            "path": str(path),
+            "kimg": record.get("kimg"),
+            **source.description,
+            "seeds": "drawn per image",
+        },
+    )
 
 
-def make_vtt(real_dir: str | os.PathLike, models: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
-             key_path: str | os.PathLike | None = None, raters: int | Sequence[str] = 5, n_real: int = 10,
-             n_generated: int = 10, seed: int = 0, likert: LikertScale = LikertScale(), modality: str = "",
-             seed_pool: int = 50_000, reuse_real: bool = False, title: str = "Visual Turing test",
-             device: str = "cpu", batch_size: int = 8) -> VTTBundle:
+def make_vtt(
+    real_dir: str | os.PathLike,
+    models: Mapping[str, str | os.PathLike],
+    out_dir: str | os.PathLike,
+    key_path: str | os.PathLike | None = None,
+    raters: int | Sequence[str] = 5,
+    n_real: int = 10,
+    n_generated: int = 10,
+    seed: int = 0,
+    likert: LikertScale = LikertScale(),
+    modality: str = "",
+    seed_pool: int = 50_000,
+    reuse_real: bool = False,
+    title: str = "Visual Turing test",
+    device: str = "cpu",
+    batch_size: int = 8,
+    allow_modified_source: bool = False,
+) -> VTTBundle:
     """Write one HTML page per rater to ``out_dir`` and the sealed key to ``key_path``.
 
     Args:
@@ -179,8 +223,10 @@ def make_vtt(real_dir: str | os.PathLike, models: Mapping[str, str | os.PathLike
     model_names = list(models)
     total_real = n_real * len(model_names)
     if not reuse_real and len(real) < total_real:
-        raise DataError(f"{real_dir} holds {len(real)} real images; {len(model_names)} models x {n_real} different "
-                        f"real images need {total_real}. Use fewer images per model or allow reuse (--reuse-real).")
+        raise DataError(
+            f"{real_dir} holds {len(real)} real images; {len(model_names)} models x {n_real} different "
+            f"real images need {total_real}. Use fewer images per model or allow reuse (--reuse-real)."
+        )
     if len(real) < n_real:
         raise DataError(f"{real_dir} holds {len(real)} real images, fewer than the {n_real} per model.")
     real_draw = rng.choice(len(real), total_real, replace=False) if not reuse_real else None
@@ -191,17 +237,21 @@ def make_vtt(real_dir: str | os.PathLike, models: Mapping[str, str | os.PathLike
 
     def new_id() -> str:
         while True:
-            token = f"{int(rng.integers(0, 2 ** 32)):08x}"
+            token = f"{int(rng.integers(0, 2**32)):08x}"
             if token not in images:
                 return token
 
     for k, name in enumerate(model_names):
-        idx = real_draw[k * n_real:(k + 1) * n_real] if real_draw is not None else \
-            rng.choice(len(real), n_real, replace=False)
+        idx = (
+            real_draw[k * n_real : (k + 1) * n_real]
+            if real_draw is not None
+            else rng.choice(len(real), n_real, replace=False)
+        )
         idx = np.sort(idx)
         real_batch = real.get_batch(idx)
-        gen_batch, gen_sources, source = _generated_images(name, Path(models[name]), n_generated, rng, seed_pool,
-                                                           shape, device, batch_size)
+        gen_batch, gen_sources, source = _generated_images(
+            name, Path(models[name]), n_generated, rng, seed_pool, shape, device, batch_size, allow_modified_source
+        )
         ids = []
         for image, src in zip(real_batch, [real.files[i].relpath for i in idx]):
             image_id = new_id()
@@ -225,12 +275,22 @@ def make_vtt(real_dir: str | os.PathLike, models: Mapping[str, str | os.PathLike
         rater_records[rater] = {"parts": parts, "order": order, "page": f"{rater}.html"}
 
     key = {
-        "format": KEY_FORMAT, "test_id": f"vtt-{secrets.token_hex(6)}", "salt": secrets.token_hex(16),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "title": title, "modality": modality, "seed": seed,
-        "n_real": n_real, "n_generated": n_generated, "seed_pool": seed_pool, "reuse_real": reuse_real,
+        "format": KEY_FORMAT,
+        "test_id": f"vtt-{secrets.token_hex(6)}",
+        "salt": secrets.token_hex(16),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "title": title,
+        "modality": modality,
+        "seed": seed,
+        "n_real": n_real,
+        "n_generated": n_generated,
+        "seed_pool": seed_pool,
+        "reuse_real": reuse_real,
         "likert": asdict(likert) | {"labels": list(likert.labels)},
         "real": {"path": str(real_dir), "manifest_sha256": real.manifest_hash(), "shape": list(shape)},
-        "models": model_records, "images": images, "raters": rater_records,
+        "models": model_records,
+        "images": images,
+        "raters": rater_records,
     }
     seal = key_sha256(key)
 
@@ -242,7 +302,10 @@ def make_vtt(real_dir: str | os.PathLike, models: Mapping[str, str | os.PathLike
     for rater, record in rater_records.items():
         part_of = {i: p for p, part in enumerate(record["parts"]) for i in model_records[part]["images"]}
         payload = {
-            "test_id": key["test_id"], "key_sha256": seal, "rater": rater, "title": title,
+            "test_id": key["test_id"],
+            "key_sha256": seal,
+            "rater": rater,
+            "title": title,
             "likert": {"low": likert.low, "high": likert.high, "labels": list(likert.labels)},
             "n_parts": n_parts,
             "items": [{"id": i, "part": part_of[i] + 1, "src": data_uris[i]} for i in record["order"]],
@@ -270,13 +333,15 @@ def load_key(path: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path} is not a fidmed VTT key (format {KEY_FORMAT}).")
     for field_name in ("test_id", "images", "raters", "models", "likert"):
         if field_name not in key:
-            raise DataError(f"VTT key {path} lacks {field_name!r}; it is damaged: use the file `fidmed vtt make` "
-                            f"wrote.")
+            raise DataError(
+                f"VTT key {path} lacks {field_name!r}; it is damaged: use the file `fidmed vtt make` wrote."
+            )
     return key
 
 
-def answers_from_pages(paths: Sequence[str | os.PathLike], key: Mapping[str, Any],
-                       allow_missing_raters: bool = False) -> list[Answer]:
+def answers_from_pages(
+    paths: Sequence[str | os.PathLike], key: Mapping[str, Any], allow_missing_raters: bool = False
+) -> list[Answer]:
     """Answers CSVs exported by the rater pages + the key -> validated :class:`Answer` rows.
 
     Every problem is an error that names the file, line, rater and images: answers for another test or an altered
@@ -295,16 +360,19 @@ def answers_from_pages(paths: Sequence[str | os.PathLike], key: Mapping[str, Any
         for line, row in enumerate(rows, start=2):
             where = f"{path} line {line}"
             if row["test_id"] != key["test_id"]:
-                raise DataError(f"{where} is an answer to test {row['test_id']!r}, but the key is for test "
-                                f"{key['test_id']!r}; score it with that test's key.")
+                raise DataError(
+                    f"{where} is an answer to test {row['test_id']!r}, but the key is for test "
+                    f"{key['test_id']!r}; score it with that test's key."
+                )
             if row["key_sha256"] != seal:
-                raise DataError(f"{where}: the key has changed since the pages were made (its sha256 is {seal}, the "
-                                f"page had {row['key_sha256']}); use the key file exactly as `fidmed vtt make` "
-                                f"wrote it.")
+                raise DataError(
+                    f"{where}: the key has changed since the pages were made (its sha256 is {seal}, the "
+                    f"page had {row['key_sha256']}); use the key file exactly as `fidmed vtt make` "
+                    f"wrote it."
+                )
             rater, image_id = row["rater"], row["image_id"]
             if rater not in key["raters"]:
-                raise DataError(f"{where}: rater {rater!r} is not in the key (raters: "
-                                f"{', '.join(key['raters'])}).")
+                raise DataError(f"{where}: rater {rater!r} is not in the key (raters: {', '.join(key['raters'])}).")
             if image_id not in key["images"]:
                 unknown.append(f"{image_id} ({where})")
                 continue
@@ -312,8 +380,10 @@ def answers_from_pages(paths: Sequence[str | os.PathLike], key: Mapping[str, Any
                 foreign.append(f"{image_id} for rater {rater} ({where})")
                 continue
             if (rater, image_id) in seen:
-                raise DataError(f"duplicate answer: rater {rater}, image {image_id} at {seen[(rater, image_id)]} and "
-                                f"{where}; pass each answers file once and remove repeated rows.")
+                raise DataError(
+                    f"duplicate answer: rater {rater}, image {image_id} at {seen[(rater, image_id)]} and "
+                    f"{where}; pass each answers file once and remove repeated rows."
+                )
             seen[(rater, image_id)] = where
             answer = row["answer"].strip().lower()
             if answer == "" or row["rating"].strip() == "":
@@ -329,16 +399,20 @@ def answers_from_pages(paths: Sequence[str | os.PathLike], key: Mapping[str, Any
             if rating not in scale.points:
                 raise DataError(f"{where}: rating {rating} is off the test's scale {scale.low}..{scale.high}.")
             info = key["images"][image_id]
-            answers.append(Answer(key.get("modality", ""), rater, info["model"], image_id, info["truth"], answer,
-                                  float(rating)))
+            answers.append(
+                Answer(key.get("modality", ""), rater, info["model"], image_id, info["truth"], answer, float(rating))
+            )
     if unknown:
-        raise DataError(f"answers for images that are not in the key: {format_list(unknown, 6)}; these answers belong "
-                        f"to another test.")
+        raise DataError(
+            f"answers for images that are not in the key: {format_list(unknown, 6)}; these answers belong "
+            f"to another test."
+        )
     if foreign:
         raise DataError(f"answers for images that were not in that rater's test: {format_list(foreign, 6)}.")
     if blanks:
-        raise DataError(f"unanswered images (the rater must answer real/generated and give a rating): "
-                        f"{format_list(blanks, 8)}.")
+        raise DataError(
+            f"unanswered images (the rater must answer real/generated and give a rating): {format_list(blanks, 8)}."
+        )
     answered_raters = {r for r, _ in seen}
     missing = []
     for rater in key["raters"]:
@@ -346,14 +420,18 @@ def answers_from_pages(paths: Sequence[str | os.PathLike], key: Mapping[str, Any
             continue
         left = [i for i in key["raters"][rater]["order"] if (rater, i) not in seen]
         if left:
-            missing.append(f"rater {rater}: {len(left)} of {len(key['raters'][rater]['order'])} images have no "
-                           f"answer row ({format_list(left, 5)})")
+            missing.append(
+                f"rater {rater}: {len(left)} of {len(key['raters'][rater]['order'])} images have no "
+                f"answer row ({format_list(left, 5)})"
+            )
     if missing:
         raise DataError(f"missing answers: {'; '.join(missing)}. Export the answers again once the rater is done.")
     absent = [r for r in key["raters"] if r not in answered_raters]
     if absent and not allow_missing_raters:
-        raise DataError(f"no answers from rater(s) {', '.join(absent)} of the key; pass their answer files, or "
-                        f"--allow-missing-raters to score only the raters present.")
+        raise DataError(
+            f"no answers from rater(s) {', '.join(absent)} of the key; pass their answer files, or "
+            f"--allow-missing-raters to score only the raters present."
+        )
     if not answers:
         raise DataError("no answers in the given files.")
     return answers

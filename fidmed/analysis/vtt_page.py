@@ -3,15 +3,18 @@
 Images are embedded as ``data:`` URIs; a Content-Security-Policy forbids every external request. Keys:
 R = real, G (or F) = generated, the Likert digits, Enter / right arrow = next, Backspace / left arrow = back,
 D = download the answers as CSV, H (or ?) = help. The next image comes once both the answer and the rating of an
-image are given. Answers are kept in the browser's localStorage (per test and rater) so that a reload loses
-nothing; the CSV (columns ``fidmed.analysis.vtt.PAGE_COLUMNS``) lists every image, answered or not.
+image are given. The page fits one screen: the image takes the height that the header, the help (while shown) and
+the controls leave, so the answer and rating buttons are always visible without scrolling. Answers are kept in the
+browser's localStorage (per test and rater) so that a reload loses nothing; the CSV (columns
+``fidmed.analysis.vtt.PAGE_COLUMNS``) lists every image, answered or not.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _TEMPLATE = r"""<!doctype html>
 <html lang="en">
@@ -22,23 +25,33 @@ _TEMPLATE = r"""<!doctype html>
       content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>__TITLE__</title>
 <style>
-  body { font-family: system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
-  header, main, footer { max-width: 980px; margin: 0 auto; padding: 8px 16px; }
-  header { display: flex; justify-content: space-between; align-items: baseline; flex-wrap: wrap; gap: 8px; }
+  /* One screen, no scrolling: a column as tall as the window; the image box takes the height that the header,
+     the help (while shown) and the controls leave, and the image fits it (object-fit: contain). */
+  html, body { height: 100%; }
+  body { font-family: system-ui, sans-serif; margin: 0; background: #111; color: #eee; display: flex;
+         flex-direction: column; height: 100vh; height: 100dvh; box-sizing: border-box; }
+  header, main { width: 100%; max-width: 980px; margin: 0 auto; padding: 6px 16px; box-sizing: border-box; }
+  header { flex: none; display: flex; justify-content: space-between; align-items: baseline; flex-wrap: wrap;
+           gap: 8px; }
+  main { flex: 1 1 auto; min-height: 0; display: flex; flex-direction: column; padding-top: 0; }
+  main > * { flex: none; }
   h1 { font-size: 1.1rem; margin: 0; }
-  #progress-outer { height: 8px; background: #333; border-radius: 4px; overflow: hidden; margin: 4px 0 8px; }
+  #progress-outer { height: 8px; background: #333; border-radius: 4px; overflow: hidden; margin: 0 0 6px; }
   #progress-bar { height: 100%; width: 0; background: #4caf50; }
-  #stage { display: flex; justify-content: center; align-items: center; min-height: 60vh; background: #000; }
-  #image { height: min(62vh, 768px); width: auto; max-width: 100%; }
-  .row { display: flex; gap: 8px; justify-content: center; flex-wrap: wrap; margin: 10px 0; }
-  button { font-size: 1rem; padding: 8px 14px; border-radius: 6px; border: 1px solid #666; background: #222;
+  #stage { flex: 1 1 0; min-height: 96px; position: relative; background: #000; }
+  #image { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; }
+  .row { display: flex; gap: 8px; justify-content: center; flex-wrap: wrap; margin: 6px 0 0; }
+  button { font-size: 1rem; padding: 7px 14px; border-radius: 6px; border: 1px solid #666; background: #222;
            color: #eee; cursor: pointer; }
   button[aria-pressed="true"] { background: #1e88e5; border-color: #90caf9; }
   button:focus-visible { outline: 2px solid #ffeb3b; }
   kbd { border: 1px solid #888; border-radius: 3px; padding: 0 4px; font-size: .85em; }
-  #help { background: #222; border: 1px solid #555; padding: 8px 16px; border-radius: 6px; }
-  #done { background: #1b5e20; padding: 8px 16px; border-radius: 6px; }
-  .muted { color: #aaa; font-size: .9rem; }
+  #help { background: #222; border: 1px solid #555; padding: 4px 12px; border-radius: 6px; margin-bottom: 6px;
+          font-size: .9rem; position: relative; }
+  #help p { margin: 4px 0; }
+  #btn-help-hide { float: right; font-size: .85rem; padding: 2px 8px; margin: 2px 0 2px 8px; }
+  #done { background: #1b5e20; padding: 6px 16px; border-radius: 6px; margin-top: 6px; }
+  .muted { color: #aaa; }
 </style>
 </head>
 <body>
@@ -50,6 +63,7 @@ _TEMPLATE = r"""<!doctype html>
   <div id="progress-outer" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="0">
     <div id="progress-bar"></div></div>
   <div id="help">
+    <button id="btn-help-hide">Hide help <kbd>H</kbd></button>
     <p>For each image, say whether it is a <b>real</b> image or one <b>generated</b> by a computer, then rate how
        realistic it looks from <b id="low"></b> (surely generated) to <b id="high"></b> (surely real).
        The next image appears once both are given; you can go back at any time.</p>
@@ -69,6 +83,7 @@ _TEMPLATE = r"""<!doctype html>
     <button id="btn-prev">&larr; Back</button>
     <button id="btn-next">Next &rarr;</button>
     <button id="btn-download">Download answers (CSV) <kbd>D</kbd></button>
+    <button id="btn-help">Help <kbd>H</kbd></button>
   </div>
   <div id="done" hidden>All images are answered. Press <kbd>D</kbd> to download your answers and send the file to
     the organiser.</div>
@@ -158,6 +173,10 @@ function download() {
   link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
+function toggleHelp() {
+  $("help").hidden = !$("help").hidden;
+  $("btn-help").setAttribute("aria-pressed", String(!$("help").hidden));
+}
 function build() {
   $("rater").textContent = DATA.rater;
   $("low").textContent = String(DATA.likert.low);
@@ -177,6 +196,9 @@ function build() {
   $("btn-prev").addEventListener("click", () => go(-1));
   $("btn-next").addEventListener("click", () => go(1));
   $("btn-download").addEventListener("click", download);
+  $("btn-help").setAttribute("aria-pressed", "true");
+  $("btn-help").addEventListener("click", toggleHelp);
+  $("btn-help-hide").addEventListener("click", toggleHelp);
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     const k = e.key;
@@ -188,7 +210,7 @@ function build() {
     else if (k === "Enter" || k === "ArrowRight") go(1);
     else if (k === "Backspace" || k === "ArrowLeft") go(-1);
     else if (k === "d" || k === "D") download();
-    else if (k === "h" || k === "H" || k === "?") $("help").hidden = !$("help").hidden;
+    else if (k === "h" || k === "H" || k === "?") toggleHelp();
     else handled = false;
     if (handled) e.preventDefault();
   });
@@ -208,5 +230,6 @@ def render_page(payload: Mapping[str, Any]) -> str:
     """The HTML page for one rater. ``payload``: test_id, key_sha256, rater, title, likert{low, high, labels},
     n_parts and items [{id, part, src}] in presentation order (it must hold nothing that reveals the truth)."""
     data = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
-    return _TEMPLATE.replace("__TITLE__", html.escape(str(payload.get("title", "Visual Turing test")))) \
-                    .replace("__DATA__", data)
+    return _TEMPLATE.replace("__TITLE__", html.escape(str(payload.get("title", "Visual Turing test")))).replace(
+        "__DATA__", data
+    )

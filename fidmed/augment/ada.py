@@ -25,10 +25,10 @@ What differs, on purpose:
 
 - differentiable to any order on every device and supported PyTorch version: ``grid_sample`` runs through
   :func:`grid_sample`, whose backward is again a ``grid_sample`` (the reference's ``grid_sample_gradfix`` only
-  works on torch 1.7-1.9, and the native op's double backward is missing in older releases -- REFERENCE.md
-  saw it fail on 2.11 -- which breaks R1; torch 2.14's native double backward works on the CPU, but fidmed
-  supports torch >= 2.4); upfirdn2d is written with strided / transposed ``conv2d`` (same result as the
-  reference's implementation);
+  works on torch 1.7-1.9, and the native op's double backward is missing in older releases (seen failing on
+  2.11; docs/study.md#reference-implementation-pitfalls), which breaks R1; torch 2.14's native double backward
+  works on the CPU, but fidmed supports torch >= 2.4); upfirdn2d is written with strided / transposed ``conv2d``
+  (same result as the reference's implementation);
 - ``p == 0`` returns the input itself (the reference still runs the near-identity resampling and changes the
   images by float rounding);
 - images smaller than the image filter's 21-pixel reflect padding (< 22 px) work: the mirror extension continues
@@ -39,22 +39,41 @@ What differs, on purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fidmed.augment.controller import (DEFAULT_INTERVAL, DEFAULT_SPEED_KIMG, DEFAULT_TARGET,
-                                       AdaptiveAugmentation)
+from fidmed.augment.base import AUGMENTATIONS
+from fidmed.augment.controller import (
+    DEFAULT_INTERVAL,
+    DEFAULT_SPEED_KIMG,
+    DEFAULT_TARGET,
+    AdaptiveAugmentation,
+    AdaptiveConfig,
+)
 from fidmed.errors import ConfigError, DataError
 
 # Low-pass decomposition filters of two Daubechies symlets, digit for digit as tabulated in stylegan2-ada-pytorch
 # (training/augment.py, ``wavelets``), so that augmented images match the reference's.
 SYM2 = (-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025)
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+)
 
 # Probability multipliers of each named pipeline (stylegan2-ada-pytorch train.py ``augpipe_specs``).
 _BLIT = ("xflip", "rotate90", "xint")
@@ -80,8 +99,10 @@ DEFAULT_PIPELINE = "bgcfnc"
 def pipeline_multipliers(pipeline: str) -> dict[str, float]:
     """Multipliers (1 for each enabled transform) of a named pipeline, or a ConfigError listing the names."""
     if pipeline not in PIPELINES:
-        raise ConfigError(f"unknown ADA pipeline {pipeline!r}; choose one of: {', '.join(PIPELINES)} "
-                          f"(e.g. augmentation.pipeline=bgcfnc)")
+        raise ConfigError(
+            f"unknown ADA pipeline {pipeline!r}; choose one of: {', '.join(PIPELINES)} "
+            f"(e.g. augmentation.pipeline=bgcfnc)"
+        )
     return {name: 1.0 for name in PIPELINES[pipeline]}
 
 
@@ -167,7 +188,7 @@ def downsample2x(images: torch.Tensor, taps: torch.Tensor, crop: int) -> torch.T
     k = taps.to(images.dtype)
     x = images.reshape(b * c, 1, h, w)
     if trim > 0:
-        x = x[:, :, trim:h - trim, trim:w - trim]
+        x = x[:, :, trim : h - trim, trim : w - trim]
     elif trim < 0:
         x = F.pad(x, [-trim] * 4)
     x = F.conv2d(x, k.view(1, 1, 1, -1), stride=(1, 2))
@@ -215,7 +236,7 @@ def filter_bank(lowpass: tuple[float, ...] = SYM2, bands: int = 4) -> np.ndarray
         spread[:, ::2] = bank
         bank = np.stack([np.convolve(row, lo2) for row in spread])
         start = (bank.shape[1] - hi2.size) // 2
-        bank[band, start:start + hi2.size] += hi2
+        bank[band, start : start + hi2.size] += hi2
     return bank
 
 
@@ -307,15 +328,37 @@ class AugmentPipe(torch.nn.Module):
     (0 = disabled) and the ranges of their parameters (defaults = the reference's).
     """
 
-    def __init__(self,
-                 xflip: float = 0, rotate90: float = 0, xint: float = 0, xint_max: float = 0.125,
-                 scale: float = 0, rotate: float = 0, aniso: float = 0, xfrac: float = 0,
-                 scale_std: float = 0.2, rotate_max: float = 1, aniso_std: float = 0.2, xfrac_std: float = 0.125,
-                 brightness: float = 0, contrast: float = 0, lumaflip: float = 0, hue: float = 0,
-                 saturation: float = 0, brightness_std: float = 0.2, contrast_std: float = 0.5,
-                 hue_max: float = 1, saturation_std: float = 1,
-                 imgfilter: float = 0, imgfilter_bands: tuple[float, ...] = (1, 1, 1, 1), imgfilter_std: float = 1,
-                 noise: float = 0, cutout: float = 0, noise_std: float = 0.1, cutout_size: float = 0.5) -> None:
+    def __init__(
+        self,
+        xflip: float = 0,
+        rotate90: float = 0,
+        xint: float = 0,
+        xint_max: float = 0.125,
+        scale: float = 0,
+        rotate: float = 0,
+        aniso: float = 0,
+        xfrac: float = 0,
+        scale_std: float = 0.2,
+        rotate_max: float = 1,
+        aniso_std: float = 0.2,
+        xfrac_std: float = 0.125,
+        brightness: float = 0,
+        contrast: float = 0,
+        lumaflip: float = 0,
+        hue: float = 0,
+        saturation: float = 0,
+        brightness_std: float = 0.2,
+        contrast_std: float = 0.5,
+        hue_max: float = 1,
+        saturation_std: float = 1,
+        imgfilter: float = 0,
+        imgfilter_bands: tuple[float, ...] = (1, 1, 1, 1),
+        imgfilter_std: float = 1,
+        noise: float = 0,
+        cutout: float = 0,
+        noise_std: float = 0.1,
+        cutout_size: float = 0.5,
+    ) -> None:
         super().__init__()
         # Pixel blitting: x-flip, multiples of 90 degrees, integer translation (max relative to image size).
         self.xflip, self.rotate90, self.xint = float(xflip), float(rotate90), float(xint)
@@ -335,8 +378,12 @@ class AugmentPipe(torch.nn.Module):
         self.imgfilter, self.imgfilter_std = float(imgfilter), float(imgfilter_std)
         self.imgfilter_bands = [float(b) for b in imgfilter_bands]
         # Corruptions: additive noise (std of the per-image sigma), cutout (size relative to the image).
-        self.noise, self.cutout, self.noise_std, self.cutout_size = (float(noise), float(cutout),
-                                                                     float(noise_std), float(cutout_size))
+        self.noise, self.cutout, self.noise_std, self.cutout_size = (
+            float(noise),
+            float(cutout),
+            float(noise_std),
+            float(cutout_size),
+        )
         # Constant filters (not part of the state dict: they follow from the code).
         geom = torch.tensor(SYM6, dtype=torch.float32)
         self.register_buffer("geom_taps", geom / geom.sum(), persistent=False)
@@ -408,8 +455,11 @@ class AugmentPipe(torch.nn.Module):
         g_inv = _const2d(1, 1, -0.5, -0.5, dev) @ g_inv @ _const2d(1, 1, 0.5, 0.5, dev)
         # Output: the image plus 2*taps_pad on each side, at 2x; map pixel to normalised [-1, 1] coordinates.
         out_h, out_w = (height + 2 * taps_pad) * 2, (width + 2 * taps_pad) * 2
-        g_inv = (_const2d(2 / images.shape[3], 2 / images.shape[2], 0, 0, dev) @ g_inv
-                 @ _const2d(out_w / 2, out_h / 2, 0, 0, dev))
+        g_inv = (
+            _const2d(2 / images.shape[3], 2 / images.shape[2], 0, 0, dev)
+            @ g_inv
+            @ _const2d(out_w / 2, out_h / 2, 0, 0, dev)
+        )
         grid = F.affine_grid(g_inv[:, :2, :].to(images.dtype), [batch, channels, out_h, out_w], align_corners=False)
         images = grid_sample(images, grid)
         return downsample2x(images, self.geom_taps, crop=2 * taps_pad)
@@ -440,8 +490,7 @@ class AugmentPipe(torch.nn.Module):
             theta = _gate((torch.rand([batch], device=dev) * 2 - 1) * math.pi * self.hue_max, self.hue * p, 0)
             then(_rotate3d(luma, theta))
         if self.saturation > 0 and channels > 1:
-            s = _gate(torch.exp2(torch.randn([batch, 1, 1], device=dev) * self.saturation_std),
-                      self.saturation * p, 1)
+            s = _gate(torch.exp2(torch.randn([batch, 1, 1], device=dev) * self.saturation_std), self.saturation * p, 1)
             then(luma_outer + (torch.eye(4, device=dev) - luma_outer) * s)
         return c_mat
 
@@ -456,8 +505,10 @@ class AugmentPipe(torch.nn.Module):
             gray = c_mat[:, :3, :].mean(dim=1, keepdim=True)  # [N, 1, 4]: the average of the three colour rows
             flat = flat * gray[:, :, :3].sum(dim=2, keepdim=True) + gray[:, :, 3:]
         else:
-            raise DataError(f"ADA colour transforms need 1 (grayscale) or 3 (RGB) channels, got {channels}; "
-                            "use a pipeline without colour (e.g. augmentation.pipeline=bg) or convert the images")
+            raise DataError(
+                f"ADA colour transforms need 1 (grayscale) or 3 (RGB) channels, got {channels}; "
+                "use a pipeline without colour (e.g. augmentation.pipeline=bg) or convert the images"
+            )
         return flat.reshape(batch, channels, height, width)
 
     # -- filtering and corruptions --------------------------------------------------------------------------
@@ -469,8 +520,9 @@ class AugmentPipe(torch.nn.Module):
         expected_power = torch.tensor([10.0, 1.0, 1.0, 1.0], device=dev) / 13  # a 1/f spectrum over the bands
         gain = torch.ones([batch, bands], device=dev)
         for band, strength in enumerate(self.imgfilter_bands):
-            amp = _gate(torch.exp2(torch.randn([batch], device=dev) * self.imgfilter_std),
-                        self.imgfilter * p * strength, 1)
+            amp = _gate(
+                torch.exp2(torch.randn([batch], device=dev) * self.imgfilter_std), self.imgfilter * p * strength, 1
+            )
             t = torch.ones([batch, bands], device=dev)
             t[:, band] = amp
             gain = gain * (t / (expected_power * t.square()).sum(dim=-1, keepdim=True).sqrt())  # keep power
@@ -523,6 +575,21 @@ class AugmentPipe(torch.nn.Module):
         return ", ".join(f"{name}={getattr(self, name):g}" for name in MULTIPLIERS if getattr(self, name) > 0)
 
 
+@dataclass
+class ADAConfig(AdaptiveConfig):
+    """Adaptive discriminator augmentation (Karras et al. 2020): stylegan2-ada-pytorch's AugmentPipe on every
+    image D sees (reals and fakes, D and G steps), with ``p`` adapted so that E[sign(D(real))] approaches
+    ``target``."""
+
+    name: str = "ada"
+    #: blit | geom | color | filter | noise | cutout | bg | bgc | bgcf | bgcfn | bgcfnc (train.py --augpipe).
+    #: The study: bgcfnc, and bgcfn for mri (the modality overrides it).
+    pipeline: str = DEFAULT_PIPELINE
+    #: per-transform probability multipliers overriding the pipeline's, e.g. {cutout: 0, rotate: 0.5}
+    strengths: dict[str, int | float] = field(default_factory=dict)
+
+
+@AUGMENTATIONS.register("ada", config=ADAConfig)
 class ADA(AdaptiveAugmentation):
     """Adaptive discriminator augmentation: :class:`AugmentPipe` on every image D sees, ``p`` adapted.
 
@@ -532,12 +599,21 @@ class ADA(AdaptiveAugmentation):
 
     name = "ada"
 
-    def __init__(self, pipeline: str = DEFAULT_PIPELINE, p: float = 0.0, adaptive: bool = True,
-                 target: float = DEFAULT_TARGET, interval: int = DEFAULT_INTERVAL,
-                 speed_kimg: float = DEFAULT_SPEED_KIMG, strengths: dict[str, float] | None = None,
-                 **pipe_kwargs: Any) -> None:
+    def __init__(
+        self,
+        pipeline: str = DEFAULT_PIPELINE,
+        p: float = 0.0,
+        adaptive: bool = True,
+        target: float = DEFAULT_TARGET,
+        interval: int = DEFAULT_INTERVAL,
+        speed_kimg: float = DEFAULT_SPEED_KIMG,
+        strengths: dict[str, float] | None = None,
+        **pipe_kwargs: Any,
+    ) -> None:
         super().__init__(p=p, adaptive=adaptive, target=target, interval=interval, speed_kimg=speed_kimg)
         multipliers = pipeline_multipliers(pipeline)
+        if strengths is not None and not isinstance(strengths, Mapping):
+            raise ConfigError(f"augmentation.strengths must be a mapping like {{cutout: 0}}, got {strengths!r}")
         for key, value in (strengths or {}).items():
             if key not in MULTIPLIERS:
                 raise ConfigError(f"unknown ADA strength {key!r}; valid transforms: {', '.join(MULTIPLIERS)}")

@@ -15,21 +15,44 @@ as many as are replaced.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fidmed.augment.controller import (DEFAULT_INTERVAL, DEFAULT_SPEED_KIMG, DEFAULT_TARGET,
-                                       AdaptiveAugmentation)
+from fidmed.augment.base import AUGMENTATIONS
+from fidmed.augment.controller import (
+    DEFAULT_INTERVAL,
+    DEFAULT_SPEED_KIMG,
+    DEFAULT_TARGET,
+    AdaptiveAugmentation,
+    AdaptiveConfig,
+)
 
 
+@dataclass
+class APAConfig(AdaptiveConfig):
+    """Adaptive pseudo augmentation (DeceiveD, Jiang et al. 2021): with probability ``p`` per image, a real image
+    shown to D is replaced by a detached generated image; ``p`` follows the ADA heuristic (DeceiveD ``--aug apa``)."""
+
+    name: str = "apa"
+
+
+@AUGMENTATIONS.register("apa", config=APAConfig)
 class APA(AdaptiveAugmentation):
     """Adaptive pseudo augmentation: swap reals for detached fakes with probability ``p`` per image."""
 
     name = "apa"
 
-    def __init__(self, p: float = 0.0, adaptive: bool = True, target: float = DEFAULT_TARGET,
-                 interval: int = DEFAULT_INTERVAL, speed_kimg: float = DEFAULT_SPEED_KIMG) -> None:
+    def __init__(
+        self,
+        p: float = 0.0,
+        adaptive: bool = True,
+        target: float = DEFAULT_TARGET,
+        interval: int = DEFAULT_INTERVAL,
+        speed_kimg: float = DEFAULT_SPEED_KIMG,
+    ) -> None:
         super().__init__(p=p, adaptive=adaptive, target=target, interval=interval, speed_kimg=speed_kimg)
         self._replaced = 0  # images replaced in the last call (for stats)
         self._seen = 0
@@ -48,8 +71,9 @@ class APA(AdaptiveAugmentation):
             return real
         fake = make_fake(count).detach()
         if tuple(fake.shape) != (count, *real.shape[1:]):
-            raise ValueError(f"make_fake({count}) returned shape {tuple(fake.shape)}, expected "
-                             f"{(count, *real.shape[1:])}")
+            raise ValueError(
+                f"make_fake({count}) returned shape {tuple(fake.shape)}, expected {(count, *real.shape[1:])}"
+            )
         out = real.clone()
         out[swap] = fake.to(device=real.device, dtype=real.dtype)
         return out

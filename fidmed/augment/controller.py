@@ -28,6 +28,7 @@ minibatch ends an interval needs no device synchronisation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +36,32 @@ import torch
 from fidmed.augment.base import Augmentation
 from fidmed.errors import ConfigError
 
-DEFAULT_TARGET = 0.6  # REFERENCE.md section 3: ADA and APA targets used by the study
+DEFAULT_TARGET = 0.6  # the ADA and APA target the study used (docs/study.md#augmentation)
 DEFAULT_INTERVAL = 4  # stylegan2-ada-pytorch training_loop(ada_interval=4)
 DEFAULT_SPEED_KIMG = 500.0  # stylegan2-ada-pytorch training_loop(ada_kimg=500)
+
+
+@dataclass
+class AdaptiveConfig:
+    """The options of an augmentation with an adaptive probability ``p`` (ADA, APA): the heuristic of
+    stylegan2-ada-pytorch's ``training_loop.py``. Every ``interval`` minibatches, ``p += sign(r_t - target) *
+    images shown / (speed_kimg * 1000)``, clamped to [0, 1], where ``r_t`` is the mean sign of D's logits on reals.
+
+    Numbers keep the type they are given (``p=1`` stays an integer), so that a configuration's training
+    fingerprint is what it was when these options were YAML files.
+    """
+
+    name: str = ""
+    #: the value of ``r_t`` that ``p`` steers towards (the study: 0.6 for ADA and APA)
+    target: int | float = DEFAULT_TARGET
+    #: minibatches between two adjustments of ``p``
+    interval: int = DEFAULT_INTERVAL
+    #: thousands of images over which ``p`` can move by 1
+    speed_kimg: int | float = 500
+    #: the initial ``p`` (the fixed ``p`` when ``adaptive`` is false)
+    p: int | float = 0.0
+    #: adapt ``p`` (true) or keep it at its initial value (false)
+    adaptive: bool = True
 
 
 def _distributed_world() -> int:
@@ -65,16 +89,18 @@ class AdaptiveP(torch.nn.Module):
     at the end of every ``interval`` minibatches, updates the tensor ``p`` in place.
     """
 
-    def __init__(self, target: float = DEFAULT_TARGET, interval: int = DEFAULT_INTERVAL,
-                 speed_kimg: float = DEFAULT_SPEED_KIMG) -> None:
+    def __init__(
+        self, target: float = DEFAULT_TARGET, interval: int = DEFAULT_INTERVAL, speed_kimg: float = DEFAULT_SPEED_KIMG
+    ) -> None:
         super().__init__()
         self.target = check_probability("target", target)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ConfigError(f"augmentation.interval must be a positive integer (minibatches), got {interval!r}")
         self.interval = interval
         if isinstance(speed_kimg, bool) or not isinstance(speed_kimg, (int, float)) or not speed_kimg > 0:
-            raise ConfigError(f"augmentation.speed_kimg must be a number > 0 (kimg for p to move by 1), "
-                              f"got {speed_kimg!r}")
+            raise ConfigError(
+                f"augmentation.speed_kimg must be a number > 0 (kimg for p to move by 1), got {speed_kimg!r}"
+            )
         self.speed_kimg = float(speed_kimg)
         self.minibatches = 0  # minibatches since training started (extra state)
         # Accumulated since the last adjustment (float64: exact counts far beyond any training length).
@@ -130,10 +156,18 @@ class AdaptiveP(torch.nn.Module):
 class AdaptiveAugmentation(Augmentation):
     """An augmentation whose probability ``p`` is fixed or driven by an :class:`AdaptiveP` (ADA, APA)."""
 
-    def __init__(self, p: float = 0.0, adaptive: bool = True, target: float = DEFAULT_TARGET,
-                 interval: int = DEFAULT_INTERVAL, speed_kimg: float = DEFAULT_SPEED_KIMG) -> None:
+    def __init__(
+        self,
+        p: float = 0.0,
+        adaptive: bool = True,
+        target: float = DEFAULT_TARGET,
+        interval: int = DEFAULT_INTERVAL,
+        speed_kimg: float = DEFAULT_SPEED_KIMG,
+    ) -> None:
         super().__init__()
         self.p.fill_(check_probability("p", p))
+        if not isinstance(adaptive, bool):
+            raise ConfigError(f"augmentation.adaptive must be true or false, got {adaptive!r}")
         self.controller: AdaptiveP | None = AdaptiveP(target, interval, speed_kimg) if adaptive else None
 
     @property

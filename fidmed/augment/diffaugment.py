@@ -26,11 +26,13 @@ order flow to the images. DiffAugment has no probability: ``p`` stays 0.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fidmed.augment.base import Augmentation
+from fidmed.augment.base import AUGMENTATIONS, Augmentation
 from fidmed.errors import ConfigError, DataError
 
 TRANSLATION_RATIO = 0.125  # DiffAugment_pytorch.rand_translation(ratio=0.125)
@@ -104,12 +106,19 @@ def parse_policy(policy: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"color,translation"`` or ``["color", "translation"]`` -> names, or a ConfigError listing the valid ones."""
     if policy is None:
         return ()
+    if not isinstance(policy, (str, Sequence)):
+        raise ConfigError(
+            f"augmentation.policy must be a comma-separated string or a list of names, got "
+            f"{policy!r} (e.g. augmentation.policy=[color,translation])"
+        )
     names = policy.split(",") if isinstance(policy, str) else [str(p) for p in policy]
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
-        raise ConfigError(f"unknown DiffAugment policy {', '.join(map(repr, unknown))}; valid: {', '.join(POLICIES)} "
-                          "(comma-separated, e.g. augmentation.policy='color,translation,cutout')")
+        raise ConfigError(
+            f"unknown DiffAugment policy {', '.join(map(repr, unknown))}; valid: {', '.join(POLICIES)} "
+            "(comma-separated, e.g. augmentation.policy='color,translation,cutout')"
+        )
     return tuple(names)
 
 
@@ -121,6 +130,19 @@ def diff_augment(x: torch.Tensor, policy: Sequence[str]) -> torch.Tensor:
     return x
 
 
+@dataclass
+class DiffAugmentConfig:
+    """DiffAugment (Zhao et al. 2020) on every image D sees: reals and fakes, D and G steps."""
+
+    name: str = "diffaugment"
+    #: comma-separated list of color | translation | cutout, applied in that order. The study: all three, and
+    #: color,translation for mri (the modality overrides it). On the command line quote it,
+    #: ``augmentation.policy='"color,translation"'``, or write a list, ``augmentation.policy=[color,translation]``
+    #: (a string or a list of names: kept as given, so the training fingerprint is what it was)
+    policy: Any = "color,translation,cutout"
+
+
+@AUGMENTATIONS.register("diffaugment", config=DiffAugmentConfig)
 class DiffAugment(Augmentation):
     """DiffAugment with a comma-separated ``policy`` (default ``color,translation,cutout``)."""
 

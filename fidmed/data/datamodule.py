@@ -35,8 +35,10 @@ DATASET_KINDS = ("phantom", "folder")
 def _require(cfg: Mapping[str, Any], key: str) -> Any:
     value = cfg.get(key)
     if value is None:
-        raise ConfigError(f"modality {cfg.get('name', '?')!r} (kind {cfg.get('kind')!r}) needs `{key}`; "
-                          f"set modality.{key} in the config or on the command line.")
+        raise ConfigError(
+            f"modality {cfg.get('name', '?')!r} (kind {cfg.get('kind')!r}) needs `{key}`; "
+            f"set modality.{key} in the config or on the command line."
+        )
     return value
 
 
@@ -55,20 +57,31 @@ def build_dataset(modality_cfg: Mapping[str, Any]) -> ArrayImageDataset:
             raise ConfigError(f"phantom images are grey (1 channel); modality.channels is {channels!r}: set it to 1.")
         seed = modality_cfg.get("data_seed")
         seed = modality_cfg.get("seed") if seed is None else seed
-        return PhantomDataset(num_images=_require(modality_cfg, "num_images"),
-                              resolution=_require(modality_cfg, "resolution"),
-                              seed=int(seed or 0), name=name or "phantom")
+        return PhantomDataset(
+            num_images=_require(modality_cfg, "num_images"),
+            resolution=_require(modality_cfg, "resolution"),
+            seed=int(seed or 0),
+            name=name or "phantom",
+        )
     if kind == "folder":
         path = Path(str(_require(modality_cfg, "path"))).expanduser()
         hint = modality_cfg.get("path_hint")
         if hint and not path.is_dir():
-            raise DataError(f"modality {name!r}: the data folder {path} does not exist; prepare it with `{hint}` "
-                            f"(RAW = the downloaded dataset), or set modality.path to a prepared folder.")
-        return ImageFolderDataset(str(path), resolution=modality_cfg.get("resolution"),
-                                  channels=modality_cfg.get("channels"), name=name,
-                                  cache=modality_cfg.get("cache") or "auto", cache_dir=modality_cfg.get("cache_dir"))
-    raise ConfigError(f"unknown dataset kind {kind!r} for modality {name!r}; modality.kind must be one of "
-                      f"{', '.join(DATASET_KINDS)}.")
+            raise DataError(
+                f"modality {name!r}: the data folder {path} does not exist; prepare it with `{hint}` "
+                f"(RAW = the downloaded dataset), or set modality.path to a prepared folder."
+            )
+        return ImageFolderDataset(
+            str(path),
+            resolution=modality_cfg.get("resolution"),
+            channels=modality_cfg.get("channels"),
+            name=name,
+            cache=modality_cfg.get("cache") or "auto",
+            cache_dir=modality_cfg.get("cache_dir"),
+        )
+    raise ConfigError(
+        f"unknown dataset kind {kind!r} for modality {name!r}; modality.kind must be one of {', '.join(DATASET_KINDS)}."
+    )
 
 
 class XFlipDataset(Dataset):
@@ -100,8 +113,9 @@ class InfiniteSampler(DistributedSampler):
     of this rank's stream (to resume).
     """
 
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 start: int = 0) -> None:
+    def __init__(
+        self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, start: int = 0
+    ) -> None:
         if size < 1:
             raise ConfigError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size:
@@ -127,7 +141,7 @@ class InfiniteSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         epoch, skip = 0, self.start
         while True:
-            shard = self.epoch_order(epoch)[self.rank::self.world_size]
+            shard = self.epoch_order(epoch)[self.rank :: self.world_size]
             if skip >= len(shard):
                 skip -= len(shard)
             else:
@@ -154,9 +168,17 @@ class ImageDataModule(lightning.LightningDataModule):
     number of images per step, so rank 0's position (the one Lightning writes) is every rank's.
     """
 
-    def __init__(self, dataset_or_cfg: ArrayImageDataset | Mapping[str, Any], batch_size: int, num_workers: int = 0,
-                 xflip: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 start: int = 0) -> None:
+    def __init__(
+        self,
+        dataset_or_cfg: ArrayImageDataset | Mapping[str, Any],
+        batch_size: int,
+        num_workers: int = 0,
+        xflip: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -195,11 +217,18 @@ class ImageDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         self.position = self.start
-        sampler = InfiniteSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                  start=self.start)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        sampler = InfiniteSampler(
+            len(dataset), rank=self.rank, world_size=self.world_size, seed=self.seed, start=self.start
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Lightning calls this for the batch a training step is about to use (not for prefetched ones).
@@ -209,8 +238,13 @@ class ImageDataModule(lightning.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Where this rank's sample stream stands, and what defines the stream."""
-        return {"seed": int(self.seed), "xflip": bool(self.xflip), "world_size": int(self.world_size),
-                "batch_size": int(self.batch_size), "position": int(self.position)}
+        return {
+            "seed": int(self.seed),
+            "xflip": bool(self.xflip),
+            "world_size": int(self.world_size),
+            "batch_size": int(self.batch_size),
+            "position": int(self.position),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the sample stream at the saved position (``start``).
@@ -222,18 +256,27 @@ class ImageDataModule(lightning.LightningDataModule):
         position = int(state["position"])
         if int(state["world_size"]) != int(self.world_size):
             position = position * int(state["world_size"]) // int(self.world_size)
-            log.warning("the checkpoint's data order was drawn for %d DDP rank(s), this run has %d: the real "
-                        "images continue at the same point of training but in another order.",
-                        state["world_size"], self.world_size)
+            log.warning(
+                "the checkpoint's data order was drawn for %d DDP rank(s), this run has %d: the real "
+                "images continue at the same point of training but in another order.",
+                state["world_size"],
+                self.world_size,
+            )
         if int(state["seed"]) != int(self.seed) or bool(state["xflip"]) != bool(self.xflip):
-            log.warning("the checkpoint's data order used seed=%s xflip=%s, this run seed=%s xflip=%s: the real "
-                        "images are shown in another order than in the run it resumes.",
-                        state["seed"], state["xflip"], self.seed, self.xflip)
+            log.warning(
+                "the checkpoint's data order used seed=%s xflip=%s, this run seed=%s xflip=%s: the real "
+                "images are shown in another order than in the run it resumes.",
+                state["seed"],
+                state["xflip"],
+                self.seed,
+                self.xflip,
+            )
         self.start = self.position = position
 
 
-def iter_batches(dataset: ArrayImageDataset, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_batches(
+    dataset: ArrayImageDataset, batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential, unshuffled, unflipped batches ``(indices int64 [B], images uint8 [B, C, H, W])``.
 
     With ``world_size > 1`` rank ``r`` gets indices ``r, r + world_size, ...``: the ranks' shards are disjoint and
@@ -245,7 +288,7 @@ def iter_batches(dataset: ArrayImageDataset, batch_size: int, rank: int = 0,
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     indices = np.arange(rank, len(dataset), world_size, dtype=np.int64)
     for begin in range(0, len(indices), batch_size):
-        chunk = indices[begin:begin + batch_size]
+        chunk = indices[begin : begin + batch_size]
         if isinstance(dataset, ArrayImageDataset):
             images = dataset.get_batch(chunk)
         else:

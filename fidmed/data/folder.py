@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from fidmed.atomic import atomic_write, remove_stale_temp_files
 from fidmed.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -104,8 +104,10 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         return manifest_sha256(self.manifest())
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, channels={self.num_channels}, "
-                f"resolution={self.resolution})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, n={len(self)}, channels={self.num_channels}, "
+            f"resolution={self.resolution})"
+        )
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ def _target_mode(mode: str, channels: int | None, path: Path) -> str:
     if mode in _HIGH_DEPTH_MODES:
         raise DataError(
             f"{path} is a {mode} (16/32-bit) image; fidmed reads 8-bit images only. Rescale it to 8 bits with "
-            f"`fidmed prepare` (which min-max rescales each image/volume to [0, 255]) or convert it yourself.")
+            f"`fidmed prepare` (which min-max rescales each image/volume to [0, 255]) or convert it yourself."
+        )
     if channels == 1:
         return "L"
     if channels == 3:
@@ -162,8 +165,9 @@ def _decode(path: Path, mode: str) -> np.ndarray:
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path} ({exc}); remove or replace the file "
-                        f"(or re-run `fidmed prepare`).") from exc
+        raise DataError(
+            f"cannot decode image {path} ({exc}); remove or replace the file (or re-run `fidmed prepare`)."
+        ) from exc
     if array.ndim == 2:
         array = array[None]
     else:
@@ -188,9 +192,17 @@ class ImageFolderDataset(ArrayImageDataset):
         memory_limit_bytes: "auto" decodes into memory up to this decoded size, else loads lazily.
     """
 
-    def __init__(self, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None,
-                 name: str | None = None, cache: CacheMode = "auto", cache_dir: str | os.PathLike | None = None,
-                 num_threads: int | None = None, memory_limit_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resolution: int | None = None,
+        channels: int | None = None,
+        name: str | None = None,
+        cache: CacheMode = "auto",
+        cache_dir: str | os.PathLike | None = None,
+        num_threads: int | None = None,
+        memory_limit_bytes: int = 2 << 30,
+    ) -> None:
         self.root = Path(path).expanduser()
         if channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1, 3 or null, got {channels!r}")
@@ -200,22 +212,28 @@ class ImageFolderDataset(ArrayImageDataset):
             raise ConfigError(f"cache must be one of auto, memory, disk, none; got {cache!r}")
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
-            raise DataError(f"image folder {self.root} {what}; create it with `fidmed prepare <modality> --src ... "
-                            f"--out {self.root}` or fix the modality's `path`.")
+            raise DataError(
+                f"image folder {self.root} {what}; create it with `fidmed prepare <modality> --src ... "
+                f"--out {self.root}` or fix the modality's `path`."
+            )
         if (self.root / PREPARE_STATE_DIRNAME).is_dir() and not (self.root / PREPARE_MANIFEST).is_file():
-            raise DataError(f"{self.root} is an unfinished `fidmed prepare` output (interrupted, or still running: "
-                            f"no {PREPARE_MANIFEST} yet); re-run the same `fidmed prepare` command to finish it.")
+            raise DataError(
+                f"{self.root} is an unfinished `fidmed prepare` output (interrupted, or still running: "
+                f"no {PREPARE_MANIFEST} yet); re-run the same `fidmed prepare` command to finish it."
+            )
         self.name = name or self.root.resolve().name
         self.files = list_image_files(self.root)
         if not self.files:
-            raise DataError(f"image folder {self.root} holds no {'/'.join(IMAGE_EXTENSIONS)} files; fill it with "
-                            f"`fidmed prepare <modality> --src ... --out {self.root}`.")
+            raise DataError(
+                f"image folder {self.root} holds no {'/'.join(IMAGE_EXTENSIONS)} files; fill it with "
+                f"`fidmed prepare <modality> --src ... --out {self.root}`."
+            )
         self._modes = self._scan_headers(resolution, channels)
         self.num_channels = 1 if self._modes[0] == "L" else 3
         self._prepare_manifest_sha256 = self._hash_prepare_manifest()
         self._num_threads = num_threads or min(8, os.cpu_count() or 1)
 
-        decoded_bytes = len(self.files) * self.num_channels * self.resolution ** 2
+        decoded_bytes = len(self.files) * self.num_channels * self.resolution**2
         if cache == "auto":
             cache = "memory" if decoded_bytes <= memory_limit_bytes else "none"
         self.cache_mode: str = cache
@@ -241,29 +259,38 @@ class ImageFolderDataset(ArrayImageDataset):
                 with PIL.Image.open(path) as image:
                     size, mode = image.size, image.mode
             except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
-                raise DataError(f"cannot read image {path} ({exc}); remove or replace the file "
-                                f"(or re-run `fidmed prepare`).") from exc
+                raise DataError(
+                    f"cannot read image {path} ({exc}); remove or replace the file (or re-run `fidmed prepare`)."
+                ) from exc
             if resolution is not None and size != (resolution, resolution):
-                raise DataError(f"{path} is {size[0]}x{size[1]} (WxH) but the dataset's resolution is "
-                                f"{resolution}x{resolution}; re-run `fidmed prepare` at that resolution or set "
-                                f"the modality's resolution to match.")
+                raise DataError(
+                    f"{path} is {size[0]}x{size[1]} (WxH) but the dataset's resolution is "
+                    f"{resolution}x{resolution}; re-run `fidmed prepare` at that resolution or set "
+                    f"the modality's resolution to match."
+                )
             if first_size is None:
                 first_size = size
             elif size != first_size:
-                raise DataError(f"images in {self.root} differ in size: {self.files[0].relpath} is "
-                                f"{first_size[0]}x{first_size[1]} but {file.relpath} is {size[0]}x{size[1]} (WxH); "
-                                f"all images must share one size: re-run `fidmed prepare` or remove the odd files.")
+                raise DataError(
+                    f"images in {self.root} differ in size: {self.files[0].relpath} is "
+                    f"{first_size[0]}x{first_size[1]} but {file.relpath} is {size[0]}x{size[1]} (WxH); "
+                    f"all images must share one size: re-run `fidmed prepare` or remove the odd files."
+                )
             modes.append(_target_mode(mode, channels, path))
         assert first_size is not None
         if first_size[0] != first_size[1]:
-            raise DataError(f"images in {self.root} are {first_size[0]}x{first_size[1]} (WxH); fidmed needs square "
-                            f"images: pad or resample them with `fidmed prepare`.")
+            raise DataError(
+                f"images in {self.root} are {first_size[0]}x{first_size[1]} (WxH); fidmed needs square "
+                f"images: pad or resample them with `fidmed prepare`."
+            )
         self.resolution = first_size[0]
         if len(set(modes)) > 1:
             first_rgb = next(f for f, m in zip(self.files, modes) if m == "RGB")
             first_grey = next(f for f, m in zip(self.files, modes) if m == "L")
-            raise DataError(f"{self.root} mixes grey and colour images (e.g. {first_grey.relpath} and "
-                            f"{first_rgb.relpath}); set the modality's `channels` to 1 or 3 to convert them all.")
+            raise DataError(
+                f"{self.root} mixes grey and colour images (e.g. {first_grey.relpath} and "
+                f"{first_rgb.relpath}); set the modality's `channels` to 1 or 3 to convert them all."
+            )
         return modes
 
     def _hash_prepare_manifest(self) -> str | None:
@@ -291,19 +318,22 @@ class ImageFolderDataset(ArrayImageDataset):
             array = self._decode_all()
             try:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temp_files(cache_file.parent)  # left by a decode that was killed
                 # Atomic: concurrent ranks/jobs may race; each writes its own temporary file, the last rename wins
                 # and all of them hold identical bytes.
-                fd, tmp = tempfile.mkstemp(prefix=cache_file.stem, suffix=".tmp", dir=cache_file.parent)
-                with os.fdopen(fd, "wb") as handle:
+                with atomic_write(cache_file) as handle:
                     np.save(handle, array)
-                os.replace(tmp, cache_file)
             except OSError as exc:
-                raise DataError(f"cannot write the decoded-image cache {cache_file} ({exc}); pass a writable "
-                                f"cache_dir or use cache='memory' or 'none'.") from exc
+                raise DataError(
+                    f"cannot write the decoded-image cache {cache_file} ({exc}); pass a writable "
+                    f"cache_dir or use cache='memory' or 'none'."
+                ) from exc
         array = np.load(cache_file, mmap_mode="r")
         if array.shape != (len(self), *self.image_shape) or array.dtype != np.uint8:
-            raise DataError(f"decoded-image cache {cache_file} has shape {array.shape}, expected "
-                            f"{(len(self), *self.image_shape)}; delete the file and retry.")
+            raise DataError(
+                f"decoded-image cache {cache_file} has shape {array.shape}, expected "
+                f"{(len(self), *self.image_shape)}; delete the file and retry."
+            )
         return array
 
     # -- access -------------------------------------------------------------------------------------------------
@@ -312,8 +342,10 @@ class ImageFolderDataset(ArrayImageDataset):
             return self._array[index]
         image = _decode(self.root / self.files[index].relpath, self._modes[index])
         if image.shape != self.image_shape:  # file changed after construction
-            raise DataError(f"{self.root / self.files[index].relpath} decoded to shape {image.shape}, expected "
-                            f"{self.image_shape}; the folder changed while in use: restart.")
+            raise DataError(
+                f"{self.root / self.files[index].relpath} decoded to shape {image.shape}, expected "
+                f"{self.image_shape}; the folder changed while in use: restart."
+            )
         return image
 
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
@@ -329,10 +361,6 @@ class ImageFolderDataset(ArrayImageDataset):
             list(pool.map(decode_into, range(len(indices))))
         return out
 
-    def path_of(self, index: int) -> Path:
-        """Path of the file behind image ``index``."""
-        return self.root / self.files[index].relpath
-
     def manifest(self) -> dict[str, Any]:
         """What determines the pixels: file list (names, sizes, mtimes; hashed), resolution, channels, loader.
 
@@ -342,7 +370,7 @@ class ImageFolderDataset(ArrayImageDataset):
         """
         listing = hashlib.sha256()
         for file in self.files:
-            listing.update(f"{file.relpath}\t{file.size_bytes}\t{file.mtime_ns}\n".encode("utf-8"))
+            listing.update(f"{file.relpath}\t{file.size_bytes}\t{file.mtime_ns}\n".encode())
         return {
             "kind": "folder",
             "loader_version": LOADER_VERSION,

@@ -36,16 +36,23 @@ MAX_RESOLUTION = 1024
 
 def check_resolution(resolution: int) -> int:
     """Return ``resolution`` if it is a power of two in [8, 1024], else raise ConfigError."""
-    valid = (isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool)
-             and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution & (resolution - 1) == 0)
+    valid = (
+        isinstance(resolution, (int, np.integer))
+        and not isinstance(resolution, bool)
+        and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
+        and resolution & (resolution - 1) == 0
+    )
     if not valid:
-        raise ConfigError(f"phantom resolution must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION} "
-                          f"(8, 16, ..., 1024), got {resolution!r}; set modality.resolution accordingly.")
+        raise ConfigError(
+            f"phantom resolution must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION} "
+            f"(8, 16, ..., 1024), got {resolution!r}; set modality.resolution accordingly."
+        )
     return int(resolution)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Anatomy: a list of painted layers, drawn from the per-image generator, independent of resolution.
+
 
 @dataclass(slots=True)
 class Blob:
@@ -97,8 +104,16 @@ class _BodyFrame:
         x, y = u * self.a, v * self.b
         return self.cx + self.cos * x - self.sin * y, self.cy + self.sin * x + self.cos * y
 
-    def blob(self, u: float, v: float, a: float, b: float, angle: float = 0.0,
-             amps: tuple[float, ...] = (), phases: tuple[float, ...] = ()) -> Blob:
+    def blob(
+        self,
+        u: float,
+        v: float,
+        a: float,
+        b: float,
+        angle: float = 0.0,
+        amps: tuple[float, ...] = (),
+        phases: tuple[float, ...] = (),
+    ) -> Blob:
         """A blob centred at body coordinates (u, v) with semi-axes ``a``, ``b`` in image units."""
         cx, cy = self.point(u, v)
         return Blob(cx, cy, a, b, angle + self.angle, amps, phases)
@@ -205,8 +220,18 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     spine_v = 1.0 - (fat_depth + wall + 2.2 * vb_r + 0.1) / b  # vertebral-body centre, posterior
     canal_v = spine_v + (vb_r + 0.04) / b
     for side in (-1, 1):
-        add(body.blob(side * 0.13, canal_v + 0.06 / b, u(0.07, 0.09), u(0.055, 0.07),
-                      angle=side * u(0.0, 0.4), **d.wobble(0.15)), muscle + u(-4, 4), 4)
+        add(
+            body.blob(
+                side * 0.13,
+                canal_v + 0.06 / b,
+                u(0.07, 0.09),
+                u(0.055, 0.07),
+                angle=side * u(0.0, 0.4),
+                **d.wobble(0.15),
+            ),
+            muscle + u(-4, 4),
+            4,
+        )
     bone = u(225, 255)
     add(body.blob(0, spine_v, vb_r * 1.05, vb_r), bone)
     add(body.blob(0, spine_v, vb_r * 0.82, vb_r * 0.78), bone - u(55, 85), 8)  # cancellous bone
@@ -227,8 +252,16 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     for _ in range(rib_count):
         theta = u(0.15, math.pi - 0.15) * (1 if u(0, 1) < 0.5 else -1)  # anywhere but the midline
         radius = 1 - (fat_depth + wall * 0.5) / a
-        add(body.blob(radius * math.cos(theta), radius * math.sin(theta), u(0.015, 0.03),
-                      u(0.01, 0.018), angle=theta + math.pi / 2), bone - u(0, 30))
+        add(
+            body.blob(
+                radius * math.cos(theta),
+                radius * math.sin(theta),
+                u(0.015, 0.03),
+                u(0.01, 0.018),
+                angle=theta + math.pi / 2,
+            ),
+            bone - u(0, 30),
+        )
 
     # Lungs and heart.
     if thorax > 0.05:
@@ -238,8 +271,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
             la = cavity_a * (0.2 + 0.25 * thorax) * u(0.9, 1.1)
             lb = cavity_b * (0.25 + 0.5 * thorax) * u(0.9, 1.1)
             lu = side * (0.52 - 0.1 * (1 - thorax))
-            add(body.blob(lu, lung_v, la, lb, angle=-side * u(0.0, 0.3), **d.wobble(0.25)),
-                lung_value, 4)
+            add(body.blob(lu, lung_v, la, lb, angle=-side * u(0.0, 0.3), **d.wobble(0.25)), lung_value, 4)
             for _ in range(d.integers(3, 9)):  # vessels inside the lung
                 r, t = 0.6 * math.sqrt(u(0, 1)), u(0, 2 * math.pi)
                 vu = lu + r * la * math.cos(t) / a
@@ -248,8 +280,11 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
                 add(body.blob(vu, vv, size, size * u(0.7, 1.3)), u(60, 130))
         if thorax > 0.4:
             heart = cavity_a * 0.38 * thorax
-            add(body.blob(0.12, -0.2, heart, heart * u(0.75, 0.95), angle=u(0.3, 0.7),
-                          **d.wobble(0.12)), muscle + u(-5, 10), 4)
+            add(
+                body.blob(0.12, -0.2, heart, heart * u(0.75, 0.95), angle=u(0.3, 0.7), **d.wobble(0.12)),
+                muscle + u(-5, 10),
+                4,
+            )
             add(body.blob(0.14, -0.18, heart * 0.55, heart * 0.45, angle=u(0, 3)), vessel - 10, 4)
 
     # Bowel loops (before the solid abdominal organs, which overlap them).
@@ -260,20 +295,23 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         content = u(0, 10) if kind < 0.25 else (u(200, 250) if kind < 0.4 else u(90, 115))
         blob_kw = d.wobble(0.3)
         add(body.blob(bu, bv, r, r * u(0.6, 1.0), angle=u(0, math.pi), **blob_kw), muscle + 10)
-        add(body.blob(bu, bv, r * 0.75, r * 0.75 * u(0.6, 1.0), angle=u(0, math.pi), **blob_kw),
-            content, 4)
+        add(body.blob(bu, bv, r * 0.75, r * 0.75 * u(0.6, 1.0), angle=u(0, math.pi), **blob_kw), content, 4)
 
     # Liver (patient's right = image left), with vessels and sometimes the gallbladder.
     if liver_size > 0.05:
-        la, lb = cavity_a * 0.42 * liver_size ** 0.5, cavity_b * 0.7 * liver_size ** 0.5
+        la, lb = cavity_a * 0.42 * liver_size**0.5, cavity_b * 0.7 * liver_size**0.5
         lu, lv = -0.33 + 0.1 * (1 - liver_size), -0.05 + u(-0.05, 0.08)
         liver_value = muscle + u(0, 25)
         add(body.blob(lu, lv, la, lb, angle=u(-0.4, 0.1), **d.wobble(0.25)), liver_value, 8)
         for _ in range(d.integers(2, 7)):
             r, t = 0.55 * math.sqrt(u(0, 1)), u(0, 2 * math.pi)
             size = u(0.008, 0.022)
-            add(body.blob(lu + r * la * math.cos(t) / a, lv + r * lb * math.sin(t) / b, size, size * 1.4,
-                          angle=u(0, math.pi)), liver_value + u(15, 35))
+            add(
+                body.blob(
+                    lu + r * la * math.cos(t) / a, lv + r * lb * math.sin(t) / b, size, size * 1.4, angle=u(0, math.pi)
+                ),
+                liver_value + u(15, 35),
+            )
         if u(0, 1) < 0.4 * liver_size:
             g = u(0.03, 0.06)
             add(body.blob(lu + 0.25, lv - 0.35 * lb / b, g * 1.3, g, angle=u(0, 1)), u(85, 105))
@@ -288,14 +326,17 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
             add(body.blob(su, sv - 0.6 * sb / b, sa * 0.7, sb * 0.35), u(0, 8))
     spleen = _bump(level, 0.5, 0.3)
     if spleen > 0.1:
-        add(body.blob(0.58, 0.18, 0.16 * spleen, 0.09 * spleen, angle=u(0.9, 1.4), **d.wobble(0.3)),
-            muscle + u(0, 20), 5)
+        add(
+            body.blob(0.58, 0.18, 0.16 * spleen, 0.09 * spleen, angle=u(0.9, 1.4), **d.wobble(0.3)),
+            muscle + u(0, 20),
+            5,
+        )
 
     # Kidneys beside the spine, with a darker medial hilum.
     if kidney_size > 0.1:
         cortex = u(165, 220)
         for side in (-1, 1):
-            ka, kb = 0.1 * kidney_size ** 0.5, 0.065 * kidney_size ** 0.5
+            ka, kb = 0.1 * kidney_size**0.5, 0.065 * kidney_size**0.5
             ku, kv = side * u(0.3, 0.38), spine_v - u(0.05, 0.2)
             add(body.blob(ku, kv, ka, kb, angle=side * u(0.8, 1.3), **d.wobble(0.1)), cortex, 4)
             add(body.blob(ku - side * 0.35 * ka / a, kv, ka * 0.4, kb * 0.5, angle=side * 1.0), u(90, 115))
@@ -318,6 +359,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering.
+
 
 def _coords(resolution: int, pad: int = 0) -> np.ndarray:
     """Pixel-centre coordinates in normalised units ([-1, 1] across the image), ``pad`` extra pixels each side."""
@@ -342,8 +384,8 @@ def _blob_masks(blobs: list[Blob], xs: np.ndarray, ys: np.ndarray, edge: float) 
     params = np.zeros((count, 7 + 2 * orders), dtype=np.float32)
     for row, b in enumerate(blobs):
         params[row, :7] = (b.cx, b.cy, math.cos(b.angle), math.sin(b.angle), 1.0 / b.a, 1.0 / b.b, min(b.a, b.b))
-        params[row, 7:7 + len(b.amps)] = b.amps
-        params[row, 7 + orders:7 + orders + len(b.phases)] = b.phases
+        params[row, 7 : 7 + len(b.amps)] = b.amps
+        params[row, 7 + orders : 7 + orders + len(b.phases)] = b.phases
     params = params[:, :, None]  # columns broadcast along the patch axis
     cx, cy, cos, sin, inv_a, inv_b, semi_min = params[:, :7].transpose(1, 0, 2)  # each [L, 1]
     dx = xs - cx
@@ -411,13 +453,20 @@ def _render(anatomy: Anatomy, resolution: int, rng: np.random.Generator) -> np.n
     boxes = []
     for layer in anatomy.layers:
         blob, reach = layer.blob, _reach(layer.blob) + edge
-        boxes.append((int(math.floor((blob.cx - reach + 1.0) * scale)) + pad,
-                      int(math.ceil((blob.cx + reach + 1.0) * scale)) + pad,
-                      int(math.floor((blob.cy - reach + 1.0) * scale)) + pad,
-                      int(math.ceil((blob.cy + reach + 1.0) * scale)) + pad))
+        boxes.append(
+            (
+                int(math.floor((blob.cx - reach + 1.0) * scale)) + pad,
+                int(math.ceil((blob.cx + reach + 1.0) * scale)) + pad,
+                int(math.floor((blob.cy - reach + 1.0) * scale)) + pad,
+                int(math.ceil((blob.cy + reach + 1.0) * scale)) + pad,
+            )
+        )
     patch = max([0] + [max(x1 - x0, y1 - y0) for x0, x1, y0, y1 in boxes if max(x1 - x0, y1 - y0) <= pad])
-    batched = [i for i, (x0, x1, y0, y1) in enumerate(boxes)
-               if max(x1 - x0, y1 - y0) <= pad and 0 <= x0 and x0 + patch <= size and 0 <= y0 and y0 + patch <= size]
+    batched = [
+        i
+        for i, (x0, x1, y0, y1) in enumerate(boxes)
+        if max(x1 - x0, y1 - y0) <= pad and 0 <= x0 and x0 + patch <= size and 0 <= y0 and y0 + patch <= size
+    ]
     masks: dict[int, np.ndarray] = {}
     if batched:
         offsets = np.arange(patch)
@@ -439,8 +488,8 @@ def _render(anatomy: Anatomy, resolution: int, rng: np.random.Generator) -> np.n
             mask = _blob_masks([layer.blob], coords[None, x0:x1], coords[None, y0:y1], edge)[0]
         _blend(canvas[y0:y1, x0:x1], mask, layer, texture[y0:y1, x0:x1])
 
-    image = canvas[pad:pad + resolution, pad:pad + resolution]
-    xy = coords[pad:pad + resolution]
+    image = canvas[pad : pad + resolution, pad : pad + resolution]
+    xy = coords[pad : pad + resolution]
     bx, by, br = anatomy.bias
     bias = 1.0 + bx * xy[None, :] + by * xy[:, None] + br * (xy[None, :] ** 2 + xy[:, None] ** 2)
     image = image * bias.astype(np.float32)
@@ -483,8 +532,9 @@ def render_phantoms(n: int, resolution: int, seed: int = 0, start: int = 0, num_
 class PhantomDataset(ArrayImageDataset):
     """``num_images`` phantoms rendered once at construction; items are ``torch.uint8 [1, H, W]``."""
 
-    def __init__(self, num_images: int, resolution: int, seed: int = 0, name: str = "phantom",
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self, num_images: int, resolution: int, seed: int = 0, name: str = "phantom", num_workers: int = 0
+    ) -> None:
         self.resolution = check_resolution(resolution)
         if not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise ConfigError(f"phantom num_images must be a positive integer, got {num_images!r}")

@@ -1,9 +1,12 @@
 """``fidmed evaluate GEN REAL``: score a folder of images or a generator file against a real image folder.
 
 GEN: a folder of PNG/JPEG images (e.g. the study's 50,000 generated PNGs), or a generator file (.pt / .ckpt
-written by fidmed, or a stylegan2-ada-pytorch .pkl, read without running its code). REAL: a folder of images.
-NIfTI/DICOM volumes: convert them first with ``fidmed prepare`` (the study's slice selection and windowing), then
-point REAL at the prepared folder.
+written by fidmed, or a stylegan2-ada-pytorch .pkl, read in memory without running its code). REAL: a folder of
+images. NIfTI/DICOM volumes: convert them first with ``fidmed prepare`` (the study's slice selection and
+windowing), then point REAL at the prepared folder.
+
+The evaluation settings are run.py's ``eval`` group, composed from the same schema and defaults
+(fidmed/config.py): the options below set its keys, and ``--set KEY=VALUE`` any other (``--set prdc.k=3``).
 """
 
 from __future__ import annotations
@@ -16,64 +19,156 @@ from fidmed.errors import ConfigError, FidmedError
 
 GENERATOR_SUFFIXES = (".pt", ".ckpt", ".pkl")
 
+#: option -> eval key (the option's value is passed as a Hydra override of ``eval.<key>``)
+_EVAL_OPTIONS = {
+    "num_gen": "num_gen",
+    "num_real": "num_real",
+    "seed_start": "seed_start",
+    "truncation_psi": "truncation_psi",
+    "batch_size": "batch_size",
+    "num_workers": "num_workers",
+    "device": "device",
+    "precision": "precision",
+    "real_split_seed": "real_split_seed",
+    "metric_seed": "metric_seed",
+}
+
 
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("evaluate", help="FD, relative FD, precision/recall/density/coverage (and KID, "
-                              "FD-infinity) of generated images or a generator against real images",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fidmed.config import EvalBase, Precision
+    from fidmed.features.registry import EXTRACTORS
+    from fidmed.metrics.base import METRICS
+
+    defaults = EvalBase()
+    metrics_help = "; ".join(f"{e.name}: {e.info.summary}" for e in METRICS.entries())
+    p = subparsers.add_parser(
+        "evaluate",
+        help="FD, relative FD, precision/recall/density/coverage, KID, FD-infinity "
+        "of generated images or a generator against real images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("gen", help="folder of generated images, or a generator file (.pt, .ckpt, .pkl)")
     p.add_argument("real", help="folder of real images (NIfTI/DICOM: run `fidmed prepare` first)")
-    p.add_argument("--extractor", nargs="+", default=["inception_tf"], help="extractor names (conf/extractor/*.yaml)")
-    p.add_argument("--metrics", nargs="+", default=["fd", "rfd"],
-                   help="any of fd rfd prdc kid fd_inf (prdc = precision, recall, density, coverage; real set first)")
-    p.add_argument("--num-gen", type=int, default=None,
-                   help="generated images (a generator: seeds seed-start..; a folder: its first N files; default all)")
+    p.add_argument(
+        "--extractor",
+        nargs="+",
+        default=["inception_tf"],
+        metavar="NAME",
+        help=f"registered extractors: {', '.join(EXTRACTORS.names())} (default: inception_tf)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"default: {' '.join(defaults.metrics)}. {metrics_help}",
+    )
+    p.add_argument(
+        "--num-gen",
+        type=int,
+        default=None,
+        help="generated images (a generator: seeds seed-start..; a folder: its first N files; default all)",
+    )
     p.add_argument("--num-real", type=int, default=None, help="real images (default: all)")
-    p.add_argument("--seed-start", type=int, default=0)
-    p.add_argument("--truncation-psi", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--num-workers", default="auto",
-                   help="threads reading/preprocessing ahead of the forward passes (auto = CPUs, max 16; 0 = none)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
-                   help="extractor forward passes (moments and FD are float64 always)")
-    p.add_argument("--knn-k", type=int, default=5, help="neighbours for precision/recall/density/coverage")
-    p.add_argument("--real-split-seed", type=int, default=0)
-    p.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
-                   help="random: untrained extractors, plumbing tests only (numbers labelled RANDOM-INIT)")
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--resizer", default=None, metavar="NAME",
-                   help="clean | clean_clip | nearest | pil_bicubic | torch_bilinear: "
-                        "override the selected extractors' resizer (their YAML's `resizer`), e.g. torch_bilinear "
-                        "with inception_tf to reproduce `python -m pytorch_fid`; recorded with every number")
+    p.add_argument("--seed-start", type=int, default=None, help=f"default {defaults.seed_start}")
+    p.add_argument("--truncation-psi", type=float, default=None, help=f"default {defaults.truncation_psi}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {defaults.batch_size}")
+    p.add_argument(
+        "--num-workers",
+        default=None,
+        help="threads reading/preprocessing ahead of the forward passes (auto = CPUs, max 16; 0 = none)",
+    )
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=[m.value for m in Precision],
+        help="extractor forward passes (moments and FD are float64 always; default fp32)",
+    )
+    p.add_argument("--real-split-seed", type=int, default=None, help=f"default {defaults.real_split_seed}")
+    p.add_argument("--metric-seed", type=int, default=None, help=f"default {defaults.metric_seed}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other eval setting, as in run.py's eval group, e.g. --set prdc.k=3 --set kid.subsets=50",
+    )
+    p.add_argument(
+        "--weights",
+        default="pretrained",
+        choices=["pretrained", "random"],
+        help="random: untrained extractors, plumbing tests only (numbers labelled RANDOM-INIT)",
+    )
+    p.add_argument(
+        "--weights-dir",
+        default=None,
+        help="extractor weights folder (default: $FIDMED_WEIGHTS or ~/.cache/fidmed/weights)",
+    )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="download missing extractor weights (needs internet; verified by sha256)",
+    )
+    p.add_argument(
+        "--allow-modified-source",
+        action="store_true",
+        help="accept a stylegan2-ada-pytorch pickle whose embedded network source differs from the "
+        "reference (its weights are still read without running anything from it; recorded)",
+    )
+    p.add_argument(
+        "--resizer",
+        default=None,
+        metavar="NAME",
+        help="clean | clean_clip | nearest | pil_bicubic | torch_bilinear: override the selected "
+        "extractors' resizer, e.g. torch_bilinear with inception_tf to reproduce "
+        "`python -m pytorch_fid`; recorded with every number",
+    )
     p.add_argument("--cache-dir", default=None, help="real-statistics cache folder (default: none)")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=cmd_evaluate)
     return p
 
 
-def build_cli_extractors(names: list[str], weights: str, weights_dir: str | None,
-                         resizer: str | None = None) -> list[Any]:
-    from fidmed.cli import extractor_configs
-    from fidmed.features.registry import build_extractor
+def eval_config(args: argparse.Namespace) -> Any:
+    """The ``eval`` and ``extractor`` nodes run.py would compose with these options (typed, checked)."""
+    from fidmed.config import compose_config
 
-    cfgs = extractor_configs()
-    unknown = sorted(set(names) - set(cfgs))
-    if unknown:
-        raise ConfigError(f"unknown extractor(s) {', '.join(unknown)}; available: {', '.join(cfgs)}")
+    overrides = [f"extractor=[{','.join(args.extractor)}]"]
+    for option, key in _EVAL_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            overrides.append(f"eval.{key}={value}")
+    if args.metrics:
+        overrides.append(f"eval.metrics=[{','.join(args.metrics)}]")
+    overrides += [f"eval.{item}" for item in args.set]
+    if args.resizer:
+        overrides += [f"extractor.{name}.resizer={args.resizer}" for name in args.extractor]
+    return compose_config(overrides)  # raises ConfigError: one line naming the fix
+
+
+def build_cli_extractors(cfg: Any, weights: str, weights_dir: str | None, allow_download: bool) -> list[Any]:
+    from fidmed.features.registry import build_extractor
+    from fidmed.job import extractor_configs
+
     out = []
-    for name in names:
-        cfg = dict(cfgs[name])
+    for node in extractor_configs(cfg):
         if weights == "random":
-            cfg["weights_source"] = "random"
-        if resizer is not None:
-            cfg["resizer"] = resizer
-        out.append(build_extractor(cfg, weights_dir=weights_dir, allow_download=False,
-                                   allow_random=weights == "random"))
+            node = {**dict(node), "weights_source": "random"}
+        ex = build_extractor(
+            node, weights_dir=weights_dir, allow_download=allow_download, allow_random=weights == "random"
+        )
+        if weights == "random":
+            ex.random_init_reason = "chosen (--weights random)"
+        out.append(ex)
     return out
 
 
-def gen_source(path: str, num: int | None, seed_start: int, psi: float, device: Any) -> Any:
+def gen_source(
+    path: str, num: int | None, seed_start: int, psi: float, device: Any, allow_modified_source: bool = False
+) -> Any:
+    """An image folder or a generator file as an image source (a .pkl is imported in memory: nothing is written)."""
     from fidmed.data.folder import ImageFolderDataset
     from fidmed.evaluation.sources import DatasetSource, GeneratorSource
 
@@ -81,39 +176,52 @@ def gen_source(path: str, num: int | None, seed_start: int, psi: float, device: 
     if p.is_dir():
         return DatasetSource(ImageFolderDataset(p, cache="none"), num)
     if p.suffix in GENERATOR_SUFFIXES and p.is_file():
-        if p.suffix == ".pkl":
-            import tempfile
-
-            from fidmed.gan.legacy import write_imported_generator
-
-            p = write_imported_generator(p, Path(tempfile.mkdtemp()) / f"{p.stem}.fidmed.pt")
         from fidmed.gan.checkpoint import load_generator
 
-        G, _ = load_generator(p, device)
         if num is None:
             raise ConfigError("a generator needs --num-gen N (the study used 50,000)")
-        return GeneratorSource(G, num, seed_start, psi, "const", device)
-    raise FidmedError(f"{path} is neither a folder of images nor a generator file ({', '.join(GENERATOR_SUFFIXES)})")
+        from fidmed.job import generator_provenance
+
+        G, record = load_generator(p, device, allow_modified_source=allow_modified_source)
+        return GeneratorSource(G, num, seed_start, psi, "const", device, provenance=generator_provenance(p, record))
+    if p.exists():
+        raise FidmedError(
+            f"{path} is neither a folder of images nor a generator file "
+            f"({', '.join(GENERATOR_SUFFIXES)}); give a folder or a generator"
+        )
+    raise FidmedError(
+        f"{path} does not exist; give a folder of generated images or a generator file "
+        f"({', '.join(GENERATOR_SUFFIXES)})"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fidmed.atomic import check_writable
     from fidmed.data.folder import ImageFolderDataset
-    from fidmed.evaluation.evaluator import Evaluator, resolve_device
+    from fidmed.evaluation.evaluator import resolve_device
     from fidmed.evaluation.results import format_results_table, write_results_json
     from fidmed.evaluation.sources import DatasetSource
+    from fidmed.job import evaluator_from_config
 
-    device = resolve_device(args.device)
+    check_writable(args.out, "--out", is_dir=False)
+    check_writable(args.cache_dir, "--cache-dir", is_dir=True)
+    cfg = eval_config(args)
+    ev_cfg = cfg.eval
+    device = resolve_device(ev_cfg.device)
     # cheap checks first (folders, counts, generator file), then the extractors (slow to build)
-    real = DatasetSource(ImageFolderDataset(args.real, cache="none"), args.num_real)
-    gen = gen_source(args.gen, args.num_gen, args.seed_start, args.truncation_psi, device)
-    extractors = build_cli_extractors(args.extractor, args.weights, args.weights_dir, args.resizer)
-    ev = Evaluator(extractors, real, cache_dir=args.cache_dir, batch_size=args.batch_size, device=device,
-                   real_split_seed=args.real_split_seed, metrics=args.metrics, knn_k=args.knn_k,
-                   precision=args.precision, num_workers=args.num_workers)
+    real = DatasetSource(ImageFolderDataset(args.real, cache="none"), ev_cfg.num_real)
+    gen = gen_source(
+        args.gen, args.num_gen, ev_cfg.seed_start, ev_cfg.truncation_psi, device, args.allow_modified_source
+    )
+    extractors = build_cli_extractors(cfg, args.weights, args.weights_dir, args.allow_download)
+    ev = evaluator_from_config(ev_cfg, extractors, real, args.cache_dir)
     records = ev.evaluate(gen, context={"gen": str(args.gen), "real": str(args.real)})
     print(format_results_table(records, title=f"{args.gen} vs {args.real}"))
     if args.out:
-        path = write_results_json(args.out, records, {"command": "fidmed evaluate", "gen": str(args.gen),
-                                                      "real": str(args.real), "metrics": ev.metrics})
+        path = write_results_json(
+            args.out,
+            records,
+            {"command": "fidmed evaluate", "gen": str(args.gen), "real": str(args.real), "metrics": ev.metrics},
+        )
         print(f"wrote {path}")
     return 0

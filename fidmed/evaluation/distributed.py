@@ -4,17 +4,17 @@ The evaluator itself is distributed-aware: with an initialised default process g
 disjoint shard ``np.arange(N)[rank::world]`` (uneven sizes, no padding, no duplicates), float64 moments are
 all-reduced exactly and kept features are gathered with their indices (``StreamingMoments.all_reduce``), so
 every rank returns the single-process result. Rank 0 writes the real-statistics cache; the others wait at a
-barrier. This module starts such a group: ``init_from_env`` under torchrun/Lightning DDP, ``spawn`` for a
-local multi-process run (gloo on the CPU; used by the tests).
+barrier. Under Lightning DDP the trainer starts the group; this module's ``spawn`` starts one for a local
+multi-process run (gloo on the CPU; used by the tests).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
 
@@ -22,25 +22,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def init_from_env(backend: str | None = None) -> bool:
-    """Initialise the default group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
-
-    Returns True when a group with more than one rank is now initialised. NCCL with CUDA, else gloo; with CUDA
-    each rank uses the GPU ``LOCAL_RANK``.
-    """
-    if dist.is_initialized():
-        return dist.get_world_size() > 1
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return False
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return True
 
 
 def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: tuple) -> None:

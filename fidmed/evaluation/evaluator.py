@@ -1,8 +1,9 @@
 """Single-pass, multi-extractor evaluation.
 
 image source -> uint8 batch -> each distinct preprocessing once -> every extractor that uses it -> float64
-streaming moments (plus the raw features where the exact small-sample FD route needs them) -> FD and relative
-FD against cached real statistics. Every number leaves with its protocol (:mod:`fidmed.evaluation.results`).
+streaming moments (plus the raw features where a selected metric or the exact small-sample FD route needs them)
+-> every selected metric (:data:`fidmed.metrics.base.METRICS`) against cached real statistics. Every number
+leaves with its protocol (:mod:`fidmed.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -22,9 +24,7 @@ from fidmed.evaluation.cache import StatsCache
 from fidmed.evaluation.pipeline import prepared_batches, resolve_workers
 from fidmed.evaluation.results import MetricRecord
 from fidmed.evaluation.sources import QUANTISATION, DatasetSource, GeneratorSource
-from fidmed.metrics.fd import frechet_distance_from_moments
-from fidmed.metrics.kid import KID_N_SUBSETS, KID_SUBSET_SIZE, fd_infinity, kid
-from fidmed.metrics.knn import ARGUMENT_ORDER, DEFAULT_K, prdc
+from fidmed.metrics.base import METRICS, MetricInputs, MetricValue, resolve_metrics
 from fidmed.metrics.moments import StreamingMoments
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,36 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 PRECISIONS = ("fp32", "bf16", "tf32")
-METRICS = ("fd", "rfd", "prdc", "kid", "fd_inf")
-KNN_METRICS = ("prdc", "kid")  # metrics that need the real and generated features themselves
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the evaluator needs of an extractor (fidmed.features.registry.Extractor is one): a frozen module
+    mapping preprocessed float32 ``[N, 3, S, S]`` batches in [0, 255] to ``[N, feature_dim]`` features, and the
+    facts recorded with every number it produces."""
+
+    name: str
+    study_name: str
+    feature_dim: int
+    preprocessing: Any  # fidmed.features.preprocess.Preprocessing: resizer, size, channels (hashable)
+    weights_label: str
+    random_init: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def check_precision(precision: str, device: torch.device) -> str:
     precision = str(precision).lower()
     if precision not in PRECISIONS:
-        raise FidmedError(f"eval.precision={precision!r}; choose one of {', '.join(PRECISIONS)} (fp32 is exact, "
-                          f"the others are opt-in speed-ups whose FD deviation is measured in benchmarks/).")
+        raise FidmedError(
+            f"eval.precision={precision!r}; choose one of {', '.join(PRECISIONS)} (fp32 is exact, "
+            f"the others are opt-in speed-ups whose FD deviation is measured in benchmarks/)."
+        )
     if precision == "tf32" and device.type != "cuda":
-        raise FidmedError("eval.precision=tf32 needs a CUDA device (TF32 exists on Ampere and newer GPUs only); "
-                          "use eval.precision=fp32 (or bf16) on the CPU.")
+        raise FidmedError(
+            "eval.precision=tf32 needs a CUDA device (TF32 exists on Ampere and newer GPUs only); "
+            "use eval.precision=fp32 (or bf16) on the CPU."
+        )
     return precision
 
 
@@ -90,11 +108,20 @@ def shard_indices(n: int, rank: int, world: int) -> np.ndarray:
     return np.arange(n)[rank::world]
 
 
-def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: int, device: torch.device,
-                    keep_features: bool | dict[str, bool] = False, groups: np.ndarray | None = None,
-                    num_groups: int = 1, desc: str = "features", precision: str = "fp32",
-                    image_shape: tuple[int, ...] | None = None, workers: int = 0,
-                    prefetch: int = 2) -> dict[str, list[StreamingMoments]]:
+def collect_moments(
+    source,
+    extractors: Sequence[torch.nn.Module],
+    batch_size: int,
+    device: torch.device,
+    keep_features: bool | dict[str, bool] = False,
+    groups: np.ndarray | None = None,
+    num_groups: int = 1,
+    desc: str = "features",
+    precision: str = "fp32",
+    image_shape: tuple[int, ...] | None = None,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> dict[str, list[StreamingMoments]]:
     """Read ``source`` once and accumulate moments for every extractor.
 
     ``groups`` (one integer per source index, in ``range(num_groups)``) splits the images into disjoint
@@ -112,22 +139,25 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
     for ex in extractors:
         by_preprocessing[ex.preprocessing].append(ex)
     keep = keep_features if isinstance(keep_features, dict) else {ex.name: bool(keep_features) for ex in extractors}
-    moments = {ex.name: [StreamingMoments(ex.feature_dim, keep_features=keep[ex.name]) for _ in range(num_groups)]
-               for ex in extractors}
+    moments = {
+        ex.name: [StreamingMoments(ex.feature_dim, keep_features=keep[ex.name]) for _ in range(num_groups)]
+        for ex in extractors
+    }
     rank, world = dist_rank_world()
     shard = shard_indices(len(source), rank, world)
-    with tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True,
-              disable=rank != 0) as bar:
+    with tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=rank != 0) as bar:
         batches = prepared_batches(source, batch_size, shard, list(by_preprocessing), device, workers, prefetch)
         for batch_no, batch in enumerate(batches):
             indices, images = batch.indices, batch.images
             if image_shape is None:
                 image_shape = tuple(images.shape[1:])
             elif tuple(images.shape[1:]) != tuple(image_shape):
-                raise FidmedError(f"{desc}: batch {batch_no} (images {int(indices[0])}-{int(indices[-1])}) has "
-                                  f"shape {tuple(images.shape[1:])} (C, H, W) but the images before were "
-                                  f"{tuple(image_shape)}; all images of a set must share one size and mode "
-                                  f"(re-prepare the folder with `fidmed prepare`).")
+                raise FidmedError(
+                    f"{desc}: batch {batch_no} (images {int(indices[0])}-{int(indices[-1])}) has "
+                    f"shape {tuple(images.shape[1:])} (C, H, W) but the images before were "
+                    f"{tuple(image_shape)}; all images of a set must share one size and mode "
+                    f"(re-prepare the folder with `fidmed prepare`)."
+                )
             idx_t = torch.as_tensor(indices, dtype=torch.int64)
             for spec, members in by_preprocessing.items():
                 x = batch.inputs[spec]
@@ -137,9 +167,11 @@ def collect_moments(source, extractors: Sequence[torch.nn.Module], batch_size: i
                     # float32 (bf16 widens exactly) for the kept features; the moments widen to float64 themselves
                     feats = raw if raw.dtype in (torch.float32, torch.float64) else raw.to(torch.float32)
                     if not torch.isfinite(feats).all():
-                        raise FidmedError(f"extractor {ex.name} produced NaN/Inf features for images "
-                                          f"{int(indices[0])}-{int(indices[-1])} (batch {batch_no} of {desc}); "
-                                          f"check its weights file (`fidmed weights list`) and the input images.")
+                        raise FidmedError(
+                            f"extractor {ex.name} produced NaN/Inf features for images "
+                            f"{int(indices[0])}-{int(indices[-1])} (batch {batch_no} of {desc}); "
+                            f"check its weights file (`fidmed weights list`) and the input images."
+                        )
                     if groups is None:
                         moments[ex.name][0].update(feats, idx_t if keep[ex.name] else None)
                     else:
@@ -161,16 +193,6 @@ def features_in_index_order(m: StreamingMoments) -> np.ndarray:
     feats = m.features
     idx = m.indices
     return feats if idx is None else feats[np.argsort(idx, kind="stable")]
-
-
-def moments_for_fd(m: StreamingMoments) -> StreamingMoments:
-    """``m`` without kept features where the FD does not need them (n >= d), so that keeping features for kNN
-    metrics never changes the FD route: FD numbers are the same whichever metrics were asked for."""
-    if not m.keep_features or m.count < m.dim:
-        return m
-    state = {k: v for k, v in m.state_dict().items() if k not in ("features", "indices")}
-    state["keep_features"] = False
-    return StreamingMoments.from_state_dict(state)
 
 
 def _copy(m: StreamingMoments) -> StreamingMoments:
@@ -199,23 +221,35 @@ def split_groups(n: int, seed: int) -> np.ndarray:
 class Evaluator:
     """Evaluates generators against one real set with several extractors in one pass per image source.
 
-    ``metrics``: any of fd, rfd, prdc (precision, recall, density, coverage with ``knn_k`` neighbours), kid,
-    fd_inf. Raw features are kept only where a metric needs them (prdc, kid: both sets; fd_inf: the generated
-    set) or where a set is smaller than the feature dimension (exact FD route). ``precision``: fp32 | bf16 |
-    tf32 for the extractor forward passes (moments and FD are float64 always). ``num_workers``: threads that
-    read and preprocess the next batches while the forward passes run ("auto": the usable CPUs, at most 16;
-    0: all in the main thread); results do not depend on it.
+    ``metrics``: names of registered metrics (:data:`fidmed.metrics.base.METRICS`: fd, rfd, prdc, kid, fd_inf,
+    and any a plugin registers); ``metric_options``: metric name -> its options (the metric's config dataclass
+    instance or a mapping of its fields; missing ones take the defaults). Raw features are kept only where a
+    selected metric declares it needs them, or where a set is smaller than the feature dimension (exact FD
+    route). ``precision``: fp32 | bf16 | tf32 for the extractor forward passes (moments and FD are float64
+    always). ``num_workers``: threads that read and preprocess the next batches while the forward passes run
+    ("auto": the usable CPUs, at most 16; 0: all in the main thread); results do not depend on it.
 
     Distributed: construct and call on every rank of an initialised process group; each rank reads a disjoint
     shard and gets the single-process result (``collect_moments``). Rank 0 writes the real-statistics cache,
     the other ranks wait at a barrier.
     """
 
-    def __init__(self, extractors: Sequence[torch.nn.Module], real: DatasetSource, *, cache_dir=None,
-                 batch_size: int = 50, device: str | torch.device | None = "auto", real_split_seed: int = 0,
-                 metrics: Iterable[str] = ("fd", "rfd"), knn_k: int = DEFAULT_K, precision: str = "fp32",
-                 kid_subsets: int = KID_N_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                 metric_seed: int = 0, num_workers: int | str | None = "auto", prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        extractors: Sequence[FeatureExtractor],
+        real: DatasetSource,
+        *,
+        cache_dir=None,
+        batch_size: int = 50,
+        device: str | torch.device | None = "auto",
+        real_split_seed: int = 0,
+        metrics: Iterable[str] = ("fd", "rfd"),
+        metric_options: dict[str, Any] | None = None,
+        precision: str = "fp32",
+        metric_seed: int = 0,
+        num_workers: int | str | None = "auto",
+        prefetch: int = 2,
+    ) -> None:
         if not extractors:
             raise FidmedError("no extractor selected; choose one with extractor=NAME or extractor=[A,B].")
         self.extractors = list(extractors)
@@ -224,17 +258,9 @@ class Evaluator:
         self.batch_size = int(batch_size)
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.real_split_seed = int(real_split_seed)
-        self.metrics = [m.lower() for m in metrics]
-        unknown = set(self.metrics) - set(METRICS)
-        if unknown:
-            raise FidmedError(f"unknown metric(s) {sorted(unknown)}; available: {', '.join(METRICS)}.")
-        if "fd" not in self.metrics:
-            self.metrics.insert(0, "fd")  # every other metric's record builds on the FD pass
-        self.knn_k = int(knn_k)
-        if self.knn_k < 1:
-            raise FidmedError(f"eval.knn_k={knn_k} must be >= 1 (the study used 5).")
+        self.metrics = resolve_metrics(list(metrics))  # evaluation order; fd first, requirements added
+        self.metric_options = {name: _metric_options(name, (metric_options or {}).get(name)) for name in self.metrics}
         self.precision = check_precision(precision, self.device)
-        self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.metric_seed = int(metric_seed)
         self.num_workers = resolve_workers(num_workers)
         self.prefetch = max(1, int(prefetch))
@@ -246,21 +272,29 @@ class Evaluator:
 
     @property
     def needs_real_features(self) -> bool:
-        return any(m in KNN_METRICS for m in self.metrics)
+        return any(METRICS.get(m).info.needs_real_features for m in self.metrics)
 
     @property
     def needs_gen_features(self) -> bool:
-        return self.needs_real_features or "fd_inf" in self.metrics
+        return any(METRICS.get(m).info.needs_gen_features for m in self.metrics)
 
     # --------------------------------------------------------------------------------------------------
     def _real_record(self, ex) -> dict[str, Any]:
         desc = self.real.description
-        return {"extractor": ex.name, "weights": ex.weights_label, "preprocessing": ex.preprocessing.key,
-                "feature_dim": ex.feature_dim, "dataset": desc.get("name"),
-                "manifest_sha256": desc.get("manifest_sha256"), "num_real": len(self.real),
-                "real_split_seed": self.real_split_seed, "dtype": "float64", "selection": "first-N-by-index",
-                "precision": self.precision,
-                "features_kept": bool(self.needs_real_features or (len(self.real) // 2) < ex.feature_dim)}
+        return {
+            "extractor": ex.name,
+            "weights": ex.weights_label,
+            "preprocessing": ex.preprocessing.key,
+            "feature_dim": ex.feature_dim,
+            "dataset": desc.get("name"),
+            "manifest_sha256": desc.get("manifest_sha256"),
+            "num_real": len(self.real),
+            "real_split_seed": self.real_split_seed,
+            "dtype": "float64",
+            "selection": "first-N-by-index",
+            "precision": self.precision,
+            "features_kept": bool(self.needs_real_features or (len(self.real) // 2) < ex.feature_dim),
+        }
 
     def real_stats(self) -> dict[str, RealStats]:
         """Real statistics per extractor, from the cache where valid, else one pass for all missing ones."""
@@ -276,25 +310,42 @@ class Evaluator:
             record = self._real_record(ex)
             arrays = self.cache.load(record) if record["manifest_sha256"] else None
             if arrays is not None:
-                parts = [StreamingMoments.from_state_dict({k[len(p) + 1:]: v for k, v in arrays.items()
-                                                           if k.startswith(p + ".")}) for p in ("a", "b")]
+                parts = [
+                    StreamingMoments.from_state_dict(
+                        {k[len(p) + 1 :]: v for k, v in arrays.items() if k.startswith(p + ".")}
+                    )
+                    for p in ("a", "b")
+                ]
                 full = _copy(parts[0]).merge(parts[1])
                 stats[ex.name] = RealStats(full, parts[0], parts[1], record, from_cache=True)
             else:
                 missing.append(ex)
         if world > 1:  # all ranks must agree on what to compute (a file may appear between two ranks' checks)
-            flags = torch.tensor([1.0 if ex in missing else 0.0 for ex in self.extractors], dtype=torch.float64,
-                                 device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            flags = torch.tensor(
+                [1.0 if ex in missing else 0.0 for ex in self.extractors],
+                dtype=torch.float64,
+                device="cuda" if dist.get_backend() == "nccl" else "cpu",
+            )
             dist.all_reduce(flags)
             missing = [ex for ex, f in zip(self.extractors, flags.tolist(), strict=True) if f > 0]
         if missing:
             # Keep the raw features when a kNN metric needs them, or when the split halves are smaller than the
-            # feature dimension: the exact FD route for n < d needs them (REFERENCE.md section 5).
+            # feature dimension: the exact FD route for n < d needs them (docs/metrics.md#frechet-distance).
             keep = {ex.name: self._real_record(ex)["features_kept"] for ex in missing}
             groups = split_groups(n, self.real_split_seed)
-            halves = collect_moments(self.real, missing, self.batch_size, self.device, keep, groups, 2,
-                                     desc="real images", precision=self.precision, workers=self.num_workers,
-                                     prefetch=self.prefetch)
+            halves = collect_moments(
+                self.real,
+                missing,
+                self.batch_size,
+                self.device,
+                keep,
+                groups,
+                2,
+                desc="real images",
+                precision=self.precision,
+                workers=self.num_workers,
+                prefetch=self.prefetch,
+            )
             for ex in missing:
                 a, b = halves[ex.name]
                 record = self._real_record(ex)
@@ -320,18 +371,22 @@ class Evaluator:
         c = getattr(gen.G, "img_channels", None)
         r = getattr(gen.G, "img_resolution", None)
         if c is not None and int(c) != shape[0]:
-            raise FidmedError(f"the generator outputs {c}-channel images but the real images "
-                              f"({self.real.description.get('name')}) have {shape[0]} channel(s); evaluate it "
-                              f"against the modality it was trained on (or re-prepare the real set with "
-                              f"channels={c}).")
+            raise FidmedError(
+                f"the generator outputs {c}-channel images but the real images "
+                f"({self.real.description.get('name')}) have {shape[0]} channel(s); evaluate it "
+                f"against the modality it was trained on (or re-prepare the real set with "
+                f"channels={c})."
+            )
         if r is not None and int(r) != shape[1]:
-            raise FidmedError(f"the generator makes {r}x{r} images but the real images are {shape[1]}x{shape[2]}; "
-                              f"evaluate it against real images of its training resolution.")
+            raise FidmedError(
+                f"the generator makes {r}x{r} images but the real images are {shape[1]}x{shape[2]}; "
+                f"evaluate it against real images of its training resolution."
+            )
 
-    def evaluate(self, gen, context: dict[str, Any] | None = None,
-                 desc: str = "generated images") -> list[MetricRecord]:
+    def evaluate(
+        self, gen, context: dict[str, Any] | None = None, desc: str = "generated images"
+    ) -> list[MetricRecord]:
         """Every requested metric of ``gen`` (a GeneratorSource or DatasetSource) against the real set."""
-        real = self.real_stats()
         if isinstance(gen, GeneratorSource):
             self.check_generator(gen)
             shape = None
@@ -339,55 +394,52 @@ class Evaluator:
             shape = self.image_shape()
             first = tuple(next(iter(gen.batches(1, [0])))[1].shape[1:])
             if first[0] != shape[0]:
-                raise FidmedError(f"the generated images have {first[0]} channel(s) but the real images have "
-                                  f"{shape[0]}; convert one folder (e.g. `fidmed prepare ... ` with the same "
-                                  f"channels) so that both match.")
+                raise FidmedError(
+                    f"the generated images have {first[0]} channel(s) but the real images have "
+                    f"{shape[0]}; convert one folder (e.g. `fidmed prepare ... ` with the same "
+                    f"channels) so that both match."
+                )
             shape = first
+        real = self.real_stats()  # after the cheap checks: a mismatch is reported before any forward pass
         # Features are kept where a metric needs them or a set is smaller than the feature dimension (the exact
         # n < d FD routes, fidmed.metrics.fd).
         keep = {ex.name: self.needs_gen_features or len(gen) < ex.feature_dim for ex in self.extractors}
-        moments = collect_moments(gen, self.extractors, self.batch_size, self.device, keep, desc=desc,
-                                  precision=self.precision, image_shape=shape, workers=self.num_workers,
-                                  prefetch=self.prefetch)
+        moments = collect_moments(
+            gen,
+            self.extractors,
+            self.batch_size,
+            self.device,
+            keep,
+            desc=desc,
+            precision=self.precision,
+            image_shape=shape,
+            workers=self.num_workers,
+            prefetch=self.prefetch,
+        )
         records: list[MetricRecord] = []
         ctx = context or {}
         for ex in self.extractors:
-            g = moments[ex.name][0]
-            r = real[ex.name]
+            g, r = moments[ex.name][0], real[ex.name]
             protocol = self.protocol(ex, gen, r)
-            fd = frechet_distance_from_moments(moments_for_fd(g), moments_for_fd(r.full))
-            records.append(MetricRecord(ex.name, ex.study_name, "fd", fd.value,
-                                        {"route": fd.route, "mean_term": fd.mean_term, "raw": fd.raw,
-                                         "constant_dims": fd.constant_dims}, protocol, ctx))
-            if "rfd" in self.metrics:
-                split = frechet_distance_from_moments(r.half_a, r.half_b)
-                value = fd.value / split.value if split.value > 0 else float("nan")
-                records.append(MetricRecord(ex.name, ex.study_name, "rfd", value,
-                                            {"fd": fd.value, "fd_real_split": split.value,
-                                             "split_route": split.route,
-                                             "n_half_a": r.half_a.count, "n_half_b": r.half_b.count},
-                                            protocol, ctx))
-            if self.needs_gen_features:
-                gen_feats = features_in_index_order(g)
-            if self.needs_real_features:
-                real_feats = features_in_index_order(r.full)
-            if "prdc" in self.metrics:
-                res = prdc(real_feats, gen_feats, self.knn_k, device=self.device)
-                details = {"k": res.k, "argument_order": ARGUMENT_ORDER, "distance_dtype": res.distance_dtype,
-                           "n_real": res.n_real, "n_gen": res.n_fake}
-                for name in ("precision", "recall", "density", "coverage"):
-                    records.append(MetricRecord(ex.name, ex.study_name, name, getattr(res, name), details,
-                                                {**protocol, "knn_k": res.k}, ctx))
-            if "kid" in self.metrics:
-                res = kid(real_feats, gen_feats, self.kid_subsets, self.kid_subset_size, self.metric_seed,
-                          device=self.device)
-                records.append(MetricRecord(ex.name, ex.study_name, "kid", res.value,
-                                            {**res.as_dict(), "kernel": "(x.y/d+1)^3", "estimator": "unbiased"},
-                                            protocol, ctx))
-            if "fd_inf" in self.metrics:
-                res = fd_infinity(gen_feats, moments_for_fd(r.full), seed=self.metric_seed)
-                records.append(MetricRecord(ex.name, ex.study_name, "fd_inf", res.value, res.as_dict(),
-                                            protocol, ctx))
+            inputs = MetricInputs(
+                g,
+                r.full,
+                (r.half_a, r.half_b),
+                self.device,
+                self.metric_seed,
+                gen_features_fn=_index_ordered(g) if self.needs_gen_features else None,
+                real_features_fn=_index_ordered(r.full) if self.needs_real_features else None,
+            )
+            for name in self.metrics:
+                inputs.options = self.metric_options[name]
+                values: list[MetricValue] = METRICS.get(name).obj(inputs)
+                for v in values:
+                    inputs.results[v.name] = v
+                    records.append(
+                        MetricRecord(
+                            ex.name, ex.study_name, v.name, v.value, v.details, {**protocol, **v.protocol}, ctx
+                        )
+                    )
         return records
 
     def protocol(self, ex, gen, real: RealStats) -> dict[str, Any]:
@@ -395,15 +447,62 @@ class Evaluator:
         p = ex.preprocessing
         desc = gen.description
         return {
-            "extractor": ex.name, "weights": ex.weights_label, "random_init": bool(ex.random_init),
-            "feature_dim": ex.feature_dim, "input_size": p.size, "resizer": p.resizer, "channels": p.channels,
+            "extractor": ex.name,
+            "weights": ex.weights_label,
+            "random_init": bool(ex.random_init),
+            "random_init_reason": getattr(ex, "random_init_reason", None) if ex.random_init else None,
+            "feature_dim": ex.feature_dim,
+            "input_size": p.size,
+            "resizer": p.resizer,
+            "channels": p.channels,
             "quantisation": QUANTISATION if desc.get("kind") == "generator" else "as stored (8-bit files)",
-            "n_real": real.full.count, "n_gen": len(gen),
-            "seeds": desc.get("seeds"), "truncation_psi": desc.get("truncation_psi"),
-            "noise_mode": desc.get("noise_mode"), "gen_source": desc.get("kind"),
-            "gen_dataset": desc.get("name"), "gen_manifest_sha256": desc.get("manifest_sha256"),
+            "n_real": real.full.count,
+            "n_gen": len(gen),
+            "seeds": desc.get("seeds"),
+            "truncation_psi": desc.get("truncation_psi"),
+            "noise_mode": desc.get("noise_mode"),
+            "gen_source": desc.get("kind"),
+            "generator": desc.get("generator"),
+            "gen_dataset": desc.get("name"),
+            "gen_manifest_sha256": desc.get("manifest_sha256"),
             "real_dataset": self.real.description.get("name"),
             "real_manifest_sha256": self.real.description.get("manifest_sha256"),
-            "real_split_seed": self.real_split_seed, "stats_dtype": "float64", "forward_precision": self.precision,
+            "real_split_seed": self.real_split_seed,
+            "stats_dtype": "float64",
+            "forward_precision": self.precision,
             "metric_seed": self.metric_seed,
         }
+
+
+def _index_ordered(m: StreamingMoments):
+    """A memoised ``features_in_index_order(m)`` (several metrics may read the same features)."""
+    cache: list[np.ndarray] = []
+
+    def get() -> np.ndarray:
+        if not cache:
+            cache.append(features_in_index_order(m))
+        return cache[0]
+
+    return get
+
+
+def _metric_options(name: str, given: Any) -> Any:
+    """The options object of metric ``name``: its config dataclass with ``given`` (an instance, a mapping of its
+    fields, or None for the defaults); None for a metric without options."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    schema = METRICS.get(name).config
+    if schema is None:
+        return None
+    if isinstance(given, schema):
+        return given
+    if given is None:
+        return schema()
+    values = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given)
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FidmedError(f"metric {name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
+    return schema(**values)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,9 @@ class PreparedBatch:
     inputs: dict[Preprocessing, torch.Tensor]
 
 
-def _preprocess_parallel(images: torch.Tensor, spec: Preprocessing, pool: ThreadPoolExecutor | None,
-                         parts: int) -> torch.Tensor:
+def _preprocess_parallel(
+    images: torch.Tensor, spec: Preprocessing, pool: ThreadPoolExecutor | None, parts: int
+) -> torch.Tensor:
     """``preprocess`` over contiguous slices of the batch in ``pool`` (same per-image work, same result)."""
     n = images.shape[0]
     if pool is None or parts < 2 or n < 2:
@@ -106,8 +108,15 @@ class _Producer(threading.Thread):
         self._put(_DONE)
 
 
-def prepared_batches(source, batch_size: int, indices: Iterable[int], specs: Sequence[Preprocessing],
-                     device: torch.device, workers: int = 0, prefetch: int = 2) -> Iterator[PreparedBatch]:
+def prepared_batches(
+    source,
+    batch_size: int,
+    indices: Iterable[int],
+    specs: Sequence[Preprocessing],
+    device: torch.device,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[PreparedBatch]:
     """Batches of ``source`` (a :mod:`fidmed.evaluation.sources` source) at ``indices``, preprocessed for ``specs``.
 
     The uint8 batch comes from ``source.batches(batch_size, chunk)`` one chunk at a time, so the source decides
@@ -115,7 +124,7 @@ def prepared_batches(source, batch_size: int, indices: Iterable[int], specs: Seq
     preprocessing are re-raised here, in the caller's thread.
     """
     idx = np.asarray(indices, dtype=np.int64)
-    chunks = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    chunks = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
     specs = list(dict.fromkeys(specs))
     pin = device.type == "cuda"
     pool = ThreadPoolExecutor(workers, thread_name_prefix="fidmed-preprocess") if workers > 1 else None

@@ -5,24 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fidmed.atomic import atomic_write
 
 RANDOM_BANNER = "RANDOM-INIT"
-# metrics shown in the table only when present (precision/recall in the standard real-first order, see
-# fidmed.metrics.knn)
-OPTIONAL_COLUMNS = {"precision": "P", "recall": "R", "density": "D", "coverage": "C", "kid": "KID",
-                    "fd_inf": "FD-inf"}
+#: details shown next to a metric's column in the table: metric -> {heading: details key}
+DETAIL_COLUMNS = {"fd": {"route": "route"}, "rfd": {"FD real split": "fd_real_split"}}
 
 
 @dataclass
 class MetricRecord:
     extractor: str
     study_name: str
-    metric: str  # 'fd' | 'rfd' | 'precision' | 'recall' | 'density' | 'coverage' | 'kid' | 'fd_inf'
+    metric: str  # one number of a registered metric (fidmed.metrics.base): fd, rfd, precision, ..., kid, fd_inf
     value: float
     details: dict[str, Any] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -50,24 +49,49 @@ def write_results_json(path: str | os.PathLike, records: Iterable[MetricRecord],
     return path
 
 
-def results_table_rows(records: Iterable[MetricRecord]) -> list[dict[str, Any]]:
-    """One row per extractor: FD, relative FD and the protocol columns people need to compare numbers."""
+def results_table_rows(records: Iterable[MetricRecord]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per extractor: every metric's number under its registered heading (fidmed.metrics.base), the
+    details people read next to some of them, and the protocol columns needed to compare numbers. Returns the
+    rows and the metric columns present, in the order the evaluation made them."""
+    from fidmed.metrics.base import metric_columns
+
+    headings = metric_columns()
     rows: dict[str, dict[str, Any]] = {}
+    columns: list[str] = []
     for r in records:
-        row = rows.setdefault(r.extractor, {
-            "extractor": r.label, "study name": r.study_name, "weights": r.protocol.get("weights"),
-            "input": f"{r.protocol.get('input_size')} {r.protocol.get('resizer')}",
-            "N gen / real": f"{r.protocol.get('n_gen')} / {r.protocol.get('n_real')}",
-            "seeds": r.protocol.get("seeds"), "FD": None, "rFD": None})
-        if r.metric == "fd":
-            row["FD"] = r.value
-            row["route"] = r.details.get("route")
-        elif r.metric == "rfd":
-            row["rFD"] = r.value
-            row["FD real split"] = r.details.get("fd_real_split")
-        elif r.metric in OPTIONAL_COLUMNS:
-            row[OPTIONAL_COLUMNS[r.metric]] = r.value
-    return list(rows.values())
+        row = rows.setdefault(
+            r.extractor,
+            {
+                "extractor": r.label,
+                "study name": r.study_name,
+                "weights": r.protocol.get("weights"),
+                "input": f"{r.protocol.get('input_size')} {r.protocol.get('resizer')}",
+                "N gen / real": f"{r.protocol.get('n_gen')} / {r.protocol.get('n_real')}",
+                "seeds": r.protocol.get("seeds"),
+            },
+        )
+        heading = headings.get(r.metric, r.metric)
+        row[heading] = r.value
+        new = [heading, *DETAIL_COLUMNS.get(r.metric, {})]
+        for head, key in DETAIL_COLUMNS.get(r.metric, {}).items():
+            row[head] = r.details.get(key)
+        columns += [c for c in new if c not in columns]
+    return list(rows.values()), columns
+
+
+def random_init_note(records: Iterable[MetricRecord]) -> str:
+    """The banner under a table with random-init numbers, saying why each extractor was random."""
+    reasons = {}
+    for r in records:
+        if r.protocol.get("random_init"):
+            reasons[r.extractor] = r.protocol.get("random_init_reason") or "chosen (weights: random)"
+    if not reasons:
+        return ""
+    why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    return (
+        f"\n!! {RANDOM_BANNER}: random weights ({why}). These numbers test the plumbing only and are NOT "
+        f"comparable to any published FD.\n"
+    )
 
 
 def format_results_table(records: Iterable[MetricRecord], title: str = "Results") -> str:
@@ -75,11 +99,10 @@ def format_results_table(records: Iterable[MetricRecord], title: str = "Results"
     from rich.console import Console
     from rich.table import Table
 
-    rows = results_table_rows(records)
+    records = list(records)
+    rows, metric_cols = results_table_rows(records)
     table = Table(title=title, show_lines=False)
-    columns = ["extractor", "FD", "rFD", "FD real split", "route"]
-    columns += [c for c in OPTIONAL_COLUMNS.values() if any(c in row for row in rows)]
-    columns += ["weights", "input", "N gen / real", "seeds"]
+    columns = ["extractor", *metric_cols, "weights", "input", "N gen / real", "seeds"]
     for c in columns:
         table.add_column(c, overflow="fold")
     for row in rows:
@@ -91,8 +114,4 @@ def format_results_table(records: Iterable[MetricRecord], title: str = "Results"
     console = Console(width=160, record=True, force_terminal=False)
     with console.capture() as cap:
         console.print(table)
-    text = cap.get()
-    if any(r.protocol.get("random_init") for r in records):
-        text += (f"\n!! {RANDOM_BANNER}: at least one extractor above has random weights (no real weights were "
-                 f"available). Its numbers test the plumbing only and are NOT comparable to any published FD.\n")
-    return text
+    return cap.get() + random_init_note(records)

@@ -81,8 +81,7 @@ def preprocess(batch_uint8: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     if not isinstance(batch_uint8, torch.Tensor) or batch_uint8.dtype != torch.uint8:
         got = batch_uint8.dtype if isinstance(batch_uint8, torch.Tensor) else type(batch_uint8).__name__
         raise FidmedError(
-            f"preprocess expects uint8 images, got {got}: quantise images to 8 bits first "
-            "(as a saved PNG would be)"
+            f"preprocess expects uint8 images, got {got}: quantise images to 8 bits first (as a saved PNG would be)"
         )
     if batch_uint8.ndim != 4 or batch_uint8.shape[1] not in (1, 3):
         raise FidmedError(

@@ -1,246 +1,252 @@
-"""Feature extractors: the common interface, a name -> builder registry, and building from configs.
+"""The extractor registry: every extractor is one builder registered with its intrinsic facts, next to its code.
 
-An extractor config (``conf/extractor/NAME.yaml``) holds:
+A builder module in ``fidmed.features.extractors`` (discovered: importing it registers its extractors; a plugin
+registers its own the same way, see ``fidmed.registry``) registers each extractor with an :class:`ExtractorInfo`::
 
-    name: inception_tf                    # registry name
-    module: fidmed.features.inception_tf  # module whose import registers the builder
-    study_name: Incept                    # what the study's tables call it
-    feature_dim: 2048
-    input_size: 299
-    resizer: clean                        # see fidmed.features.preprocess
-    channels: RGB
-    weights_source: pretrained            # or "random": seeded random init, plumbing tests/demos only
-    seed: 0                               # the random-init seed
-    weights: {filename, sha256, urls, description, how_to}
-    ...                                   # anything else reaches the builder in ExtractorSpec.options
+    @EXTRACTORS.register("inception_tf", info=ExtractorInfo(
+        study_name="Incept", feature_dim=2048, input_size=299, resizer="clean", network="TF-FID InceptionV3",
+        weights=WeightsFile("pt_inception-2015-12-05-6726825d.pth", "6726825d...", urls=(...))))
+    def build(setup: ExtractorSetup, weights_path: Path | None) -> Extractor: ...
 
-A builder is ``builder(spec: ExtractorSpec, weights_path: Path | None) -> Extractor``; ``weights_path`` is None
-for a random-init network, which the builder must initialise from ``spec.seed`` alone (``seeded_init_``).
+A user selects extractors by name and may override the knobs of an :class:`ExtractorConfig` (input size, resizer,
+weights source, random-init seed): ``python run.py extractor=[inception_tf,swav] extractor.swav.resizer=nearest``
+(one config node per registered extractor, made by :func:`default_config`), or ``fidmed evaluate --extractor a b``.
+Everything else (feature size, channels, weights file and digests, architecture options) is a fact of the
+registration and cannot be overridden. :func:`build_extractor` merges the config onto the facts into an
+:class:`ExtractorSetup`, finds and verifies the weights file, and calls the builder with the setup and the file's
+path (None for a random-init network, which the builder initialises from ``setup.seed`` alone).
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-import torch
-from torch import nn
-
 from fidmed.errors import ConfigError, FidmedError, WeightsMissingError
+from fidmed.features.base import RANDOM_CHOSEN, RANDOM_MISSING, RANDOM_REASONS, Extractor
 from fidmed.features.preprocess import Preprocessing
-from fidmed.features.weights import WeightsSpec, resolve_weights
+from fidmed.features.weights import ImportedWeights, WeightsFile, import_weights, resolve_weights
+from fidmed.registry import Registry, new_registry
 
-#: Modules that register the built-in extractors (imported by ``available_extractors``). A new extractor module
-#: adds itself here, and its config names it under ``module:``.
-BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = (
-    "fidmed.features.inception_tf",
-    "fidmed.features.torch_backbones",  # inception, resnet, swav, dino, swin
-    "fidmed.features.modern_backbones",  # dinov2, clip (dgm-eval's extras)
-    "fidmed.features.keras_nets",  # Keras-faithful InceptionV3, ResNet50, InceptionResNetV2, DenseNet121
+EXTRACTORS: Registry[Any] = new_registry(
+    "extractor",
+    ("fidmed.features.extractors",),
+    hint="extractor=[a,b] (run.py) or --extractor a b (fidmed evaluate)",
 )
 
-_SPEC_KEYS = {"name", "module", "study_name", "feature_dim", "input_size", "resizer", "channels", "weights_source",
-              "seed", "weights"}
+WEIGHTS_SOURCES = ("pretrained", "random")
 
 
 @dataclass(frozen=True)
-class ExtractorSpec:
-    """An extractor config, parsed and checked."""
+class ExtractorInfo:
+    """The intrinsic facts of a registered extractor (what its builder and weights file fix).
+
+    ``input_size`` and ``resizer`` are the defaults of the user's :class:`ExtractorConfig`; every other field is
+    fixed. ``network`` names the architecture with its weights in a few words ("SwAV ResNet-50"; messages say
+    "loaded into <network>"); ``description`` says what the study ran and how fidmed reproduces it; ``options``
+    holds architecture-specific facts the builder reads (a Keras ``arch`` and ``normalization``, StudioGAN's
+    ``study_backbone`` name, a transformer's ``depth``).
+    """
+
+    study_name: str  # what the study's tables call it
+    feature_dim: int
+    input_size: int
+    resizer: str  # see fidmed.features.preprocess
+    weights: WeightsFile | None  # None: no pretrained weights exist (random init only)
+    network: str
+    description: str = ""
+    channels: str = "RGB"
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        Preprocessing(self.resizer, self.input_size, self.channels)  # raises ConfigError when invalid
+        if int(self.feature_dim) != self.feature_dim or self.feature_dim < 1:
+            raise ConfigError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
+        if self.weights is not None and not isinstance(self.weights, WeightsFile):
+            raise TypeError(f"ExtractorInfo.weights must be a WeightsFile or None, got {type(self.weights).__name__}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+
+@dataclass
+class ExtractorConfig:
+    """The user-facing, overridable knobs of one selected extractor (a Hydra node ``extractor.<name>``)."""
+
+    name: str
+    input_size: int
+    resizer: str
+    weights_source: str = "pretrained"  # "pretrained" | "random" (seeded random init: plumbing tests and demos)
+    seed: int = 0  # the random-init seed (used only with weights_source=random)
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ExtractorConfig))
+
+
+@dataclass(frozen=True)
+class ExtractorSetup:
+    """What a builder receives: the registered facts of one extractor with the selected config applied.
+
+    Tests and benchmarks may ``dataclasses.replace`` a setup (a self-made weights file, a shallower ``depth``
+    option) and pass it to :func:`build_extractor`; the weights label records the digest of the file loaded.
+    """
 
     name: str
     study_name: str
     feature_dim: int
     preprocessing: Preprocessing
-    weights: WeightsSpec | None
-    weights_source: str = "pretrained"  # "pretrained" | "random"
+    weights: WeightsFile | None
+    network: str
+    weights_source: str = "pretrained"
     seed: int = 0
-    module: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    random_reason: str = RANDOM_CHOSEN  # why a random-init build is random: chosen on purpose, or weights missing
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "ExtractorSpec":
-        d = _to_dict(cfg)
-        try:
-            name = str(d["name"])
-            source = str(d.get("weights_source", "pretrained"))
-            if source not in ("pretrained", "random"):
-                raise ConfigError(f"extractor {name}: weights_source must be 'pretrained' or 'random', got {source!r}")
-            weights = WeightsSpec.from_config(d["weights"]) if d.get("weights") else None
-            if source == "pretrained" and weights is None:
-                raise ConfigError(f"extractor {name}: weights_source is 'pretrained' but the config has no weights")
-            return cls(
-                name=name,
-                study_name=str(d.get("study_name", name)),
-                feature_dim=int(d["feature_dim"]),
-                preprocessing=Preprocessing(str(d.get("resizer", "clean")), int(d["input_size"]),
-                                            str(d.get("channels", "RGB"))),
-                weights=weights,
-                weights_source=source,
-                seed=int(d.get("seed", 0)),
-                module=str(d["module"]) if d.get("module") else None,
-                options={k: v for k, v in d.items() if k not in _SPEC_KEYS},
+    def __post_init__(self) -> None:
+        if self.weights_source not in WEIGHTS_SOURCES:
+            raise ConfigError(
+                f"extractor {self.name}: weights_source must be 'pretrained' or 'random', got {self.weights_source!r}"
             )
-        except KeyError as e:
-            raise ConfigError(f"extractor config lacks the key {e.args[0]!r}: {d}") from None
+        if self.random_reason not in RANDOM_REASONS:
+            raise ValueError(f"random_reason must be one of {RANDOM_REASONS}, got {self.random_reason!r}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def with_options(self, **options: Any) -> ExtractorSetup:
+        """A copy with some architecture options replaced (e.g. ``depth=1`` for a shallow test network)."""
+        return dataclasses.replace(self, options={**self.options, **options})
 
 
-def _to_dict(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, ExtractorSpec):
-        raise TypeError("already an ExtractorSpec")
+# ------------------------------------------------------------------------------------------------ configs
+def extractor_info(name: str) -> ExtractorInfo:
+    """The registered facts of ``name`` (an unknown name raises a ConfigError listing the known ones)."""
+    entry = EXTRACTORS.get(name)
+    if not isinstance(entry.info, ExtractorInfo):
+        raise ConfigError(
+            f"extractor {name!r} ({entry.module}) was registered without an ExtractorInfo; "
+            f"register it with EXTRACTORS.register({name!r}, info=ExtractorInfo(...))"
+        )
+    return entry.info
+
+
+def default_config(name: str) -> ExtractorConfig:
+    """The config of ``name`` with its registered defaults (what ``extractor=<name>`` selects); an extractor
+    registered without a weights file defaults to ``weights_source=random``."""
+    info = extractor_info(name)
+    return ExtractorConfig(
+        name=name,
+        input_size=int(info.input_size),
+        resizer=str(info.resizer),
+        weights_source="pretrained" if info.weights is not None else "random",
+    )
+
+
+def _as_config(cfg: Any) -> ExtractorConfig:
+    """An ExtractorConfig from an ExtractorConfig, a name, or a mapping / DictConfig with (some of) its keys."""
+    if isinstance(cfg, ExtractorConfig):
+        return cfg
+    if isinstance(cfg, str):
+        return default_config(cfg)
     try:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            cfg = OmegaConf.to_container(cfg, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise ConfigError(f"an extractor config must be a mapping, got {type(cfg).__name__}")
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(
+            f"an extractor config is a name or a mapping with the keys {', '.join(CONFIG_KEYS)}; "
+            f"got {type(cfg).__name__}"
+        )
+    if not cfg.get("name"):
+        raise ConfigError(
+            f"an extractor config needs its name (one of {', '.join(EXTRACTORS.names())}); got {dict(cfg)}"
+        )
+    name = str(cfg["name"])
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"extractor {name}: unknown key(s) {', '.join(unknown)}; an extractor config sets only "
+            f"{', '.join(CONFIG_KEYS)} (its feature size, weights file and architecture are fixed where it is "
+            f"registered, {EXTRACTORS.get(name).module})"
+        )
+    out = default_config(name)
+    for key in ("input_size", "seed"):
+        if key in cfg:
+            try:
+                setattr(out, key, int(cfg[key]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"extractor {name}: {key} must be an integer, got {cfg[key]!r}") from None
+    for key in ("resizer", "weights_source"):
+        if key in cfg:
+            setattr(out, key, str(cfg[key]))
+    return out
 
 
-def _as_spec(cfg: Any) -> ExtractorSpec:
-    return cfg if isinstance(cfg, ExtractorSpec) else ExtractorSpec.from_config(cfg)
+def extractor_setup(cfg: Any, random_reason: str = RANDOM_CHOSEN) -> ExtractorSetup:
+    """The registered facts of ``cfg``'s extractor with ``cfg``'s overrides (a name, mapping or ExtractorConfig)."""
+    config = _as_config(cfg)
+    info = extractor_info(config.name)
+    return ExtractorSetup(
+        name=config.name,
+        study_name=info.study_name,
+        feature_dim=int(info.feature_dim),
+        preprocessing=Preprocessing(config.resizer, config.input_size, info.channels),
+        weights=info.weights,
+        network=info.network,
+        weights_source=config.weights_source,
+        seed=config.seed,
+        options=info.options,
+        random_reason=random_reason,
+    )
 
 
-# ------------------------------------------------------------------------------------------------ interface
-class Extractor(nn.Module):
-    """A frozen feature extractor: float32 ``[N, 3, S, S]`` in [0, 255] (already preprocessed) -> ``[N, D]``.
-
-    Each extractor normalises its input inside ``forward``. It is always in eval mode: ``train()`` is a no-op,
-    so a LightningModule holding it cannot switch its BatchNorm layers to batch statistics.
-    """
-
-    def __init__(self, spec: ExtractorSpec, weights_path: Path | None) -> None:
-        super().__init__()
-        self.name = spec.name
-        self.study_name = spec.study_name
-        self.feature_dim = spec.feature_dim
-        self.preprocessing = spec.preprocessing
-        self.random_init = weights_path is None
-        if self.random_init:
-            self.weights_label = f"RANDOM-INIT(seed={spec.seed}) -- not a real extractor"
-        else:
-            # The digest of the file actually loaded (full, even where the spec pins only a prefix or nothing).
-            from fidmed.features.weights import sha256_of
-
-            pinned = spec.weights is not None and spec.weights.sha256 is not None
-            self.weights_label = f"sha256:{sha256_of(weights_path)}" + ("" if pinned else " (unpinned)")
-
-    def train(self, mode: bool = True) -> "Extractor":
-        return super().train(False)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        s = self.preprocessing.size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s) or x.dtype != torch.float32:
-            raise FidmedError(
-                f"extractor {self.name} expects float32 [N, 3, {s}, {s}] in [0, 255] (preprocessing "
-                f"{self.preprocessing.key}), got {x.dtype} {tuple(x.shape)}"
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def protocol(self) -> dict[str, Any]:
-        """What to record with every number this extractor produces."""
-        return {
-            "extractor": self.name,
-            "study_name": self.study_name,
-            "feature_dim": self.feature_dim,
-            "preprocessing": self.preprocessing.key,
-            "weights": self.weights_label,
-            "random_init": self.random_init,
-        }
-
-
-def seeded_init_(module: nn.Module, seed: int) -> None:
-    """Deterministic random init from ``seed`` alone (independent of torch's global RNG).
-
-    Conv/Linear weights: normal with std sqrt(2 / fan_in) (keeps activations of a deep ReLU net in range); biases 0;
-    BatchNorm: weight 1, bias 0, running mean 0, running var 1.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_parameters()
-
-
-# ------------------------------------------------------------------------------------------------ registry
-Builder = Callable[[ExtractorSpec, "Path | None"], Extractor]
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register_extractor(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: ``@register_extractor("inception_tf") def build(spec, weights_path): ...``."""
-
-    def deco(builder: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"extractor {name!r} is registered twice")
-        _REGISTRY[name] = builder
-        return builder
-
-    return deco
-
-
-def _import_module(module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:  # a dependency of the module is missing: that is a real error
-            raise
-
-
-def available_extractors() -> list[str]:
-    for module in BUILTIN_EXTRACTOR_MODULES:
-        _import_module(module)
-    return sorted(_REGISTRY)
-
-
-def _builder_for(spec: ExtractorSpec) -> Builder:
-    if spec.module:
-        _import_module(spec.module)
-    if spec.name not in _REGISTRY:
-        available_extractors()
-    if spec.name not in _REGISTRY:
-        raise FidmedError(f"unknown extractor {spec.name!r}; available: {', '.join(available_extractors())}")
-    return _REGISTRY[spec.name]
-
-
+# ------------------------------------------------------------------------------------------------ building
 def build_extractor(
     cfg: Any,
     weights_dir: Path | str | None = None,
     allow_download: bool = False,
     allow_random: bool = False,
+    random_if_missing: bool = False,
 ) -> Extractor:
-    """Build a frozen extractor in eval mode from its config (DictConfig, dict or ExtractorSpec)."""
-    spec = _as_spec(cfg)
-    builder = _builder_for(spec)
-    if spec.weights_source == "random":
+    """Build a frozen extractor in eval mode from a name, an ExtractorConfig, a mapping/DictConfig with its keys,
+    or an ExtractorSetup.
+
+    ``weights_source=random`` needs ``allow_random`` (plumbing tests and demos). ``random_if_missing`` (the demo's
+    ``eval.weights=random_if_missing``) substitutes a random-init network when the pretrained weights file is
+    missing, and labels it so; a file with the wrong digest is never substituted.
+    """
+    setup = cfg if isinstance(cfg, ExtractorSetup) else extractor_setup(cfg)
+    builder = EXTRACTORS.get(setup.name).obj
+    weights_path: Path | None
+    if setup.weights_source == "random":
         if not allow_random:
             raise FidmedError(
-                f"extractor {spec.name}: weights_source=random builds an untrained network whose FDs mean nothing; "
+                f"extractor {setup.name}: weights_source=random builds an untrained network whose FDs mean nothing; "
                 "random weights are only for plumbing tests and demos (pass allow_random=True there). "
                 "Use weights_source=pretrained for real evaluations."
             )
         weights_path = None
-    else:
-        assert spec.weights is not None
-        weights_path = resolve_weights(spec.weights, weights_dir, allow_download)
-    extractor = builder(spec, weights_path)
-    if extractor.feature_dim != spec.feature_dim or extractor.preprocessing != spec.preprocessing:
+    elif setup.weights is None:
         raise ConfigError(
-            f"extractor {spec.name}: the config says feature_dim={spec.feature_dim}, preprocessing "
-            f"{spec.preprocessing.key} but the builder made {extractor.feature_dim}, {extractor.preprocessing.key}"
+            f"extractor {setup.name} has no pretrained weights file; select it with "
+            f"extractor.{setup.name}.weights_source=random (plumbing tests only)"
+        )
+    else:
+        try:
+            weights_path = resolve_weights(setup.weights, weights_dir, allow_download, extractor=setup.name)
+        except WeightsMissingError:
+            if not random_if_missing:
+                raise
+            setup = dataclasses.replace(setup, weights_source="random", random_reason=RANDOM_MISSING)
+            weights_path = None
+    extractor = builder(setup, weights_path)
+    if extractor.feature_dim != setup.feature_dim or extractor.preprocessing != setup.preprocessing:
+        raise ConfigError(
+            f"extractor {setup.name}: its registration says feature_dim={setup.feature_dim}, preprocessing "
+            f"{setup.preprocessing.key} but the builder made {extractor.feature_dim}, {extractor.preprocessing.key}"
         )
     extractor.eval()
     extractor.requires_grad_(False)
@@ -278,29 +284,83 @@ def check_weights_available(
     """
     statuses: dict[str, WeightsStatus] = {}
     for cfg in cfgs:
-        spec = _as_spec(cfg)
-        if spec.weights_source == "random":
+        setup = cfg if isinstance(cfg, ExtractorSetup) else extractor_setup(cfg)
+        name = setup.name
+        if setup.weights_source == "random":
             if allow_random:
-                statuses[spec.name] = WeightsStatus(spec.name, "random", message="random init (plumbing only)")
+                statuses[name] = WeightsStatus(name, "random", message="random init (plumbing only)")
             else:
-                statuses[spec.name] = WeightsStatus(
-                    spec.name, "invalid", message="weights_source=random is not allowed for this run"
+                statuses[name] = WeightsStatus(
+                    name, "invalid", message="weights_source=random is not allowed for this run"
                 )
             continue
-        assert spec.weights is not None
-        w = spec.weights
+        w = setup.weights
+        if w is None:
+            statuses[name] = WeightsStatus(
+                name,
+                "invalid",
+                message=f"extractor {name} has no pretrained weights file; use extractor.{name}.weights_source=random",
+            )
+            continue
         try:
-            path = resolve_weights(w, weights_dir, allow_download)
-            statuses[spec.name] = WeightsStatus(spec.name, "found", path, w.filename, w.sha256)
+            path = resolve_weights(w, weights_dir, allow_download, extractor=name)
+            statuses[name] = WeightsStatus(name, "found", path, w.filename, w.sha256)
         except WeightsMissingError as e:
-            statuses[spec.name] = WeightsStatus(spec.name, "missing", None, w.filename, w.sha256, str(e))
+            statuses[name] = WeightsStatus(name, "missing", None, w.filename, w.sha256, str(e))
         except FidmedError as e:
-            statuses[spec.name] = WeightsStatus(spec.name, "invalid", None, w.filename, w.sha256, str(e))
+            statuses[name] = WeightsStatus(name, "invalid", None, w.filename, w.sha256, str(e))
     bad = [s for s in statuses.values() if not s.ok]
     if bad and raise_on_missing:
         text = "\n\n".join(f"[{s.name}] {s.message}" for s in bad)
-        header = f"{len(bad)} of {len(statuses)} extractors are not ready:\n\n"
+        header = f"{len(bad)} of {len(statuses)} extractors are not ready:\n\n" if len(bad) > 1 else ""
         if all(s.state == "missing" for s in bad):
             raise WeightsMissingError(header + text)
         raise FidmedError(header + text)
     return statuses
+
+
+# ------------------------------------------------------------------------------------------------ weights files
+def weights_files(names: Iterable[str] | None = None) -> dict[str, WeightsFile]:
+    """Extractor name -> its registered weights file (all extractors that have one, or those of ``names``)."""
+    wanted = list(names) if names else EXTRACTORS.names()
+    infos = {name: extractor_info(name) for name in wanted}
+    return {name: info.weights for name, info in infos.items() if info.weights is not None}
+
+
+def check_weights_file(wfile: WeightsFile, path: Path | str) -> str:
+    """Load ``path`` into the network of the extractor whose weights file is ``wfile``, as a real evaluation would
+    (the builder is the check); say what was verified, or raise FidmedError."""
+    names = [name for name, w in weights_files().items() if w.filename == wfile.filename]
+    if not names:
+        raise FidmedError(f"no registered extractor uses the weights file {wfile.filename}")
+    info = extractor_info(names[0])
+    setup = extractor_setup(names[0])
+    net = EXTRACTORS.get(names[0]).obj(setup, Path(path))
+    return f"loaded into {info.network}: {net.feature_dim}-d features"
+
+
+def import_weights_file(src: Path | str, weights_dir: Path | str | None = None) -> ImportedWeights:
+    """``fidmed weights import``: recognise ``src`` among the registered weights files by its content (published
+    digests, else the architecture it loads into) and put it in the weights folder under its canonical name."""
+    files = list(dict.fromkeys(weights_files().values()))
+    return import_weights(src, files, check_weights_file, weights_dir)
+
+
+__all__ = [
+    "CONFIG_KEYS",
+    "EXTRACTORS",
+    "Extractor",
+    "ExtractorConfig",
+    "ExtractorInfo",
+    "ExtractorSetup",
+    "WEIGHTS_SOURCES",
+    "WeightsStatus",
+    "build_extractor",
+    "check_weights_available",
+    "check_weights_file",
+    "default_config",
+    "extractor_info",
+    "extractor_setup",
+    "import_weights_file",
+    "weights_files",
+]

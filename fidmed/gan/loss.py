@@ -1,8 +1,10 @@
 """The StyleGAN2 loss: non-saturating logistic loss, R1 and path-length regularisation, style mixing.
 
 Re-implements stylegan2-ada-pytorch's ``training/loss.py`` (``StyleGAN2Loss``) without its DDP and
-``training_stats`` plumbing: ``accumulate_gradients`` runs one phase, calls ``backward()`` itself (so gradients
-accumulate over calls, as the reference's per-GPU rounds do) and returns detached scalars for logging.
+``training_stats`` plumbing: ``accumulate_gradients`` runs one phase, runs its backward passes itself (so gradients
+accumulate over calls, as the reference's per-GPU rounds do) and returns detached scalars for logging. Each backward
+pass goes through the ``backward`` callable the loss was given: the LightningModule passes its ``manual_backward``,
+so Lightning's precision plugin and strategy see every one; alone, the loss calls ``Tensor.backward``.
 
 Phases (the training loop picks them; "lazy regularisation" runs the 'reg' phases every k-th minibatch with
 ``gain = k``):
@@ -64,7 +66,9 @@ class StyleGAN2Loss(torch.nn.Module):
     ``augment_pipe`` are held as plain references, not submodules, so they do not appear twice in a state dict.
 
     ``augment_pipe`` is any differentiable callable on image batches (or None). The network being trained must
-    have ``requires_grad=True`` parameters; the other one is frozen for the duration of each call.
+    have ``requires_grad=True`` parameters; the other one is frozen for the duration of each call. ``backward``
+    runs each backward pass of a scalar loss (None: ``loss.backward()``; a LightningModule passes its
+    ``manual_backward``).
     """
 
     def __init__(
@@ -77,9 +81,11 @@ class StyleGAN2Loss(torch.nn.Module):
         pl_batch_shrink: int = 2,
         pl_decay: float = 0.01,
         pl_weight: float = 2.0,
+        backward: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         super().__init__()
         self._refs = (G, D, augment_pipe)  # a tuple: nn.Module does not register what is inside it
+        self._backward = backward
         self.style_mixing_prob = style_mixing_prob
         self.r1_gamma = r1_gamma
         self.pl_batch_shrink = pl_batch_shrink
@@ -98,6 +104,13 @@ class StyleGAN2Loss(torch.nn.Module):
     @property
     def augment_pipe(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self._refs[2]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One backward pass of the scalar ``loss``, accumulating into the trained network's ``.grad``."""
+        if self._backward is None:
+            loss.backward()
+        else:
+            self._backward(loss)
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -165,7 +178,7 @@ class StyleGAN2Loss(torch.nn.Module):
         gen_img, _ = self.run_G(gen_z, gen_c)
         gen_logits = self.run_D(gen_img, gen_c)
         loss = F.softplus(-gen_logits)  # -log(sigmoid(logits))
-        loss.mean().mul(gain).backward()
+        self.backward(loss.mean().mul(gain))
         stats["Loss/scores/fake"] = gen_logits.detach().mean()
         stats["Loss/signs/fake"] = gen_logits.detach().sign().mean()
         stats["Loss/G/loss"] = loss.detach().mean()
@@ -188,7 +201,7 @@ class StyleGAN2Loss(torch.nn.Module):
         loss = pl_penalty * self.pl_weight
         # `gen_img[:, 0, 0, 0] * 0` ties every synthesis parameter into the graph (the reference needs this for
         # DDP's gradient sync); it changes no value.
-        (gen_img[:, 0, 0, 0] * 0 + loss).mean().mul(gain).backward()
+        self.backward((gen_img[:, 0, 0, 0] * 0 + loss).mean().mul(gain))
         stats["Loss/pl_penalty"] = pl_penalty.detach().mean()
         stats["Loss/G/reg"] = loss.detach().mean()
 
@@ -209,7 +222,7 @@ class StyleGAN2Loss(torch.nn.Module):
             gen_img, _ = self.run_G(gen_z, gen_c)
             gen_logits = self.run_D(gen_img, gen_c)
             loss_Dgen = F.softplus(gen_logits)  # -log(1 - sigmoid(logits))
-            loss_Dgen.mean().mul(gain).backward()
+            self.backward(loss_Dgen.mean().mul(gain))
             stats["Loss/scores/fake"] = gen_logits.detach().mean()
             stats["Loss/signs/fake"] = gen_logits.detach().sign().mean()
 
@@ -233,4 +246,4 @@ class StyleGAN2Loss(torch.nn.Module):
             stats["Loss/r1_penalty"] = r1_penalty.detach().mean()
             stats["Loss/D/reg"] = loss_Dr1.detach().mean()
 
-        (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()
+        self.backward((real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain))

@@ -24,24 +24,35 @@ whose position is written into every checkpoint (``checkpoint["fidmed_random"]``
 into rank 0's file) and restored on resume, so a resumed run draws what the uninterrupted run drew. Together with
 the weights, optimiser moments, EMA, ``pl_mean``, the augmentation's ``p`` and controller (all in the state dict)
 and the sampler's position (:class:`fidmed.data.datamodule.ImageDataModule`), the checkpoint holds everything a
-step depends on.
+step depends on. Under DDP each rank's stream starts from ``seed * world_size + rank`` (as stylegan2-ada-pytorch
+seeds its ranks), so the ranks draw different latents, noise and augmentations for their shares of the minibatch;
+a single process continues the generators seeded with ``seed`` (= ``seed * 1 + 0``) after the networks'
+initialisation, exactly as before ranks had streams of their own.
+
+Lightning as intended: every backward pass goes through :meth:`~lightning.pytorch.LightningModule.manual_backward`
+(the loss calls it), so the precision plugin and the strategy (DDP's gradient reducer) see each one; the
+constructor's arguments are saved as hyperparameters (plain values; the augmentation by its options, see
+:func:`fidmed.augment.augmentation_options`), so ``StyleGAN2Module.load_from_checkpoint("last.ckpt")`` rebuilds
+the module with its state.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
-from fidmed.augment import Augmentation
+from fidmed.augment import augmentation_options, build_augmentation
 from fidmed.gan.loss import StyleGAN2Loss
 from fidmed.gan.networks import build_networks
 from fidmed.gan.rng import RandomStream
+from fidmed.gan.snapshot import SNAPSHOT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +93,73 @@ def network_kwargs(model_cfg: Any, resolution: int, channels: int) -> dict[str, 
     )
 
 
-class StyleGAN2Module(L.LightningModule):
-    """G, D, G_ema, the loss and the augmentation; see the module docstring for one step."""
+def _plain_mapping(cfg: Any, what: str) -> dict[str, Any]:
+    """A DictConfig or mapping as a plain dict (hyperparameters must load with ``torch.load(weights_only=True)``)."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"{what} must be a mapping or a DictConfig, got {type(cfg).__name__}")
 
-    def __init__(self, model_cfg: Any, resolution: int, channels: int, augmentation: Augmentation | None = None,
-                 kimg: float = 1.0, log_every_steps: int = 10) -> None:
+
+class StyleGAN2Module(L.LightningModule):
+    """G, D, G_ema, the loss and the augmentation; see the module docstring for one step.
+
+    Args:
+        model_cfg: the ``model`` config group (a DictConfig or a mapping).
+        resolution, channels: the images'.
+        augmentation: the augmentation's config (its config dataclass, a DictConfig or a mapping with ``name``;
+            None = ``noaug``), built with :func:`fidmed.augment.build_augmentation`.
+        kimg: training length, thousands of images shown to D.
+        log_every_steps: log losses and augmentation statistics every that many steps.
+        seed: the training seed; under DDP rank ``r`` of ``w`` draws from ``seed * w + r`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model_cfg: Any,
+        resolution: int,
+        channels: int,
+        augmentation: Any = None,
+        kimg: float = 1.0,
+        log_every_steps: int = 10,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.model_cfg = model_cfg
+        plain_model = _plain_mapping(model_cfg, "model_cfg")
+        augmentation = augmentation_options(augmentation)
+        # Plain values only (last.ckpt stays readable with torch.load(weights_only=True)); not sent to the logger,
+        # which has the whole job configuration already.
+        self.save_hyperparameters(
+            {
+                "model_cfg": plain_model,
+                "resolution": int(resolution),
+                "channels": int(channels),
+                "augmentation": augmentation,
+                "kimg": float(kimg),
+                "log_every_steps": int(log_every_steps),
+                "seed": int(seed),
+            },
+            logger=False,
+        )
+        self.model_cfg = model_cfg = OmegaConf.create(plain_model)
+        self.seed = int(seed)
         self.net_kwargs = network_kwargs(model_cfg, resolution, channels)
         self.G, self.D = build_networks(**self.net_kwargs)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.augment = augmentation if augmentation is not None else Augmentation()
+        self.augment = build_augmentation(augmentation)
         self.loss = StyleGAN2Loss(
-            self.G, self.D, augment_pipe=self.augment,
-            style_mixing_prob=float(model_cfg.style_mixing_prob), r1_gamma=float(model_cfg.r1_gamma),
-            pl_batch_shrink=int(model_cfg.pl_batch_shrink), pl_decay=float(model_cfg.pl_decay),
-            pl_weight=float(model_cfg.pl_weight))
+            self.G,
+            self.D,
+            augment_pipe=self.augment,
+            style_mixing_prob=float(model_cfg.style_mixing_prob),
+            r1_gamma=float(model_cfg.r1_gamma),
+            pl_batch_shrink=int(model_cfg.pl_batch_shrink),
+            pl_decay=float(model_cfg.pl_decay),
+            pl_weight=float(model_cfg.pl_weight),
+            backward=self.manual_backward,
+        )
         self.phases = training_phases(model_cfg.g_reg_interval, model_cfg.d_reg_interval)
         self.batch_size = int(model_cfg.batch_size)
         self.batch_chunk = int(model_cfg.batch_chunk or self.batch_size)
@@ -107,6 +168,7 @@ class StyleGAN2Module(L.LightningModule):
         self.register_buffer("images_seen", torch.zeros([], dtype=torch.int64))
         self.register_buffer("iteration", torch.zeros([], dtype=torch.int64))
         self.random_stream = RandomStream()  # this rank's training random numbers (saved with checkpoints)
+        self._saved_streams: list[Any] | None = None  # every rank's, from the checkpoint being resumed
 
     # ----------------------------------------------------------------------------------------------------
     @property
@@ -119,13 +181,15 @@ class StyleGAN2Module(L.LightningModule):
         for module, lr, interval in ((self.G, cfg.lr_g, cfg.g_reg_interval), (self.D, cfg.lr_d, cfg.d_reg_interval)):
             ratio = interval / (interval + 1) if interval else 1.0
             betas = tuple(float(b) ** ratio for b in cfg.betas)
-            optimizers.append(torch.optim.Adam(module.parameters(), lr=float(lr) * ratio, betas=betas,
-                                               eps=float(cfg.eps)))
+            optimizers.append(
+                torch.optim.Adam(module.parameters(), lr=float(lr) * ratio, betas=betas, eps=float(cfg.eps))
+            )
         return optimizers
 
     def on_train_start(self) -> None:
         # The networks train in train mode; G_ema only ever runs inference.
         self.G_ema.eval()
+        self._start_random_stream(self.global_rank, self.trainer.world_size)
         if int(self.images_seen) >= self.total_images:
             # Resumed from the checkpoint of the last step (the run was killed before it wrote final.pt): nothing
             # is left to train, and one more step would make a generator the uninterrupted run never made.
@@ -157,8 +221,9 @@ class StyleGAN2Module(L.LightningModule):
             for real_img, z, cc in chunks:
                 if phase.module == "D":
                     real_img = self.augment.replace_reals(real_img, self._make_fakes)
-                out = self.loss.accumulate_gradients(phase=phase.name, real_img=real_img, real_c=cc, gen_z=z,
-                                                     gen_c=cc, gain=phase.interval / len(chunks))
+                out = self.loss.accumulate_gradients(
+                    phase=phase.name, real_img=real_img, real_c=cc, gen_z=z, gen_c=cc, gain=phase.interval / len(chunks)
+                )
                 if "real_logits" in out:
                     self.augment.observe_real_logits(out.pop("real_logits"))
                 for key, value in out.items():
@@ -171,7 +236,7 @@ class StyleGAN2Module(L.LightningModule):
 
         # Under DDP each rank holds batch/world images; EMA and kimg count the whole minibatch, as the
         # reference does.
-        global_batch = batch_size * (self.trainer.world_size if self._trainer is not None else 1)
+        global_batch = batch_size * self.trainer.world_size
         self._update_ema(global_batch)
         self.images_seen += global_batch
         self.iteration += 1
@@ -180,8 +245,7 @@ class StyleGAN2Module(L.LightningModule):
         if iteration % self.log_every_steps == 0:
             logs.update(self.augment.stats())
             logs["Progress/kimg"] = self.kimg
-            self.log_dict(logs, on_step=True, prog_bar=False, logger=bool(self.trainer.loggers),
-                          batch_size=batch_size)
+            self.log_dict(logs, on_step=True, prog_bar=False, logger=bool(self.trainer.loggers), batch_size=batch_size)
         if int(self.images_seen) >= self.total_images:
             self.trainer.should_stop = True
 
@@ -207,7 +271,7 @@ class StyleGAN2Module(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's random-stream position, gathered into the checkpoint (only rank 0 writes the file)."""
         state = self.random_stream.state_dict()
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks: list[Any] = [None] * world
             torch.distributed.all_gather_object(ranks, state)
@@ -216,21 +280,36 @@ class StyleGAN2Module(L.LightningModule):
         checkpoint[RANDOM_STATE_KEY] = {"world_size": len(ranks), "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Continue this rank's random stream where the checkpoint left it."""
+        """Keep the checkpoint's random streams; rank 0's is this module's until training starts, when each rank
+        takes its own (:meth:`on_train_start`: only then are the rank and the world size known)."""
         record = checkpoint.get(RANDOM_STATE_KEY)
-        if not record or not record.get("ranks"):
-            log.warning("the checkpoint holds no random state (written by an older fidmed): training continues "
-                        "from it, but draws other latents, noise and augmentations than the run it resumes would "
-                        "have; the result is not bitwise that run.")
-            self.random_stream.load_state_dict(None)
-            return
-        ranks = record["ranks"]
-        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        if len(ranks) != world:
-            log.warning("the checkpoint was written by %d DDP rank(s) and is resumed by %d: rank %d continues the "
-                        "random stream of rank %d; the result is not bitwise an uninterrupted run.",
-                        len(ranks), world, rank, rank % len(ranks))
-        self.random_stream.load_state_dict(ranks[rank % len(ranks)])
+        self._saved_streams = list(record["ranks"]) if record and record.get("ranks") else []
+        self.random_stream.load_state_dict(self._saved_streams[0] if self._saved_streams else None)
+
+    def _start_random_stream(self, rank: int, world: int) -> None:
+        """This rank's stream for the steps to come: the checkpoint's when resuming, else (DDP) a fresh one."""
+        saved, self._saved_streams = self._saved_streams, None
+        if saved is not None and not saved:
+            log.warning(
+                "the checkpoint holds no random state (written by an older fidmed): training continues "
+                "from it, but draws other latents, noise and augmentations than the run it resumes would "
+                "have; the result is not bitwise that run."
+            )
+        elif saved:
+            if len(saved) != world:
+                log.warning(
+                    "the checkpoint was written by %d DDP rank(s) and is resumed by %d: rank %d continues "
+                    "the random stream of rank %d; the result is not bitwise an uninterrupted run.",
+                    len(saved),
+                    world,
+                    rank,
+                    rank % len(saved),
+                )
+            self.random_stream.load_state_dict(saved[rank % len(saved)])
+        if world > 1 and self.random_stream.state is None:
+            # A fresh DDP run (or one resumed from a checkpoint without random state): rank r of w draws from
+            # seed * w + r, as stylegan2-ada-pytorch seeds its ranks.
+            self.random_stream.seed(self.seed * world + rank, self.device)
 
     def generator_snapshot(self) -> dict[str, Any]:
         """What evaluation needs of the trained model: G_ema's weights and how to build it.
@@ -239,14 +318,9 @@ class StyleGAN2Module(L.LightningModule):
         without executing anything.
         """
         return {
-            "format": "fidmed-generator-v1",
+            "format": SNAPSHOT_FORMAT,
             "G_ema": {k: v.detach().cpu() for k, v in self.G_ema.state_dict().items()},
             "network_kwargs": dict(self.net_kwargs),
             "kimg": self.kimg,
             "images_seen": int(self.images_seen),
         }
-
-
-def expected_steps(kimg: float, batch_size: int) -> int:
-    """Number of training steps to show ``kimg`` thousand images with minibatches of ``batch_size``."""
-    return int(math.ceil(float(kimg) * 1000 / batch_size))

@@ -16,6 +16,7 @@ and takes the advanced state back out afterwards. So:
 Until its first use a stream has no state of its own: its first ``active`` block draws from the global
 generators as it finds them (after ``seed_everything`` and the networks' initialisation), which is exactly the
 sequence a fresh run drew before streams existed, so generators trained before keep their fingerprints.
+:meth:`RandomStream.seed` gives a stream a start of its own instead (each DDP rank's: ``seed * world_size + rank``).
 
 :func:`fork_random_state` is the same swap without a stream: code inside it may draw as it likes, the global
 generators are put back afterwards (evaluation during training runs inside one).
@@ -24,8 +25,9 @@ generators are put back afterwards (evaluation during training runs inside one).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +48,9 @@ def capture_random_state(device: torch.device | str | None = None) -> dict[str, 
     acc = _accelerator(device)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": None if acc is None else (acc.index if acc.index is not None else torch.cuda.current_device(),
-                                          torch.cuda.get_rng_state(acc)),
+        "cuda": None
+        if acc is None
+        else (acc.index if acc.index is not None else torch.cuda.current_device(), torch.cuda.get_rng_state(acc)),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
@@ -88,6 +91,21 @@ class RandomStream:
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None  # None: not used yet, continue from the global generators
 
+    def seed(self, seed: int, device: torch.device | str | None = None) -> None:
+        """Start the stream where the global generators would be after seeding each with ``seed`` (torch's CPU and
+        CUDA generators, numpy's, Python's: what ``lightning.seed_everything`` seeds), without touching them."""
+        acc = _accelerator(device)
+        cuda = None
+        if acc is not None:
+            index = acc.index if acc.index is not None else torch.cuda.current_device()
+            cuda = (index, torch.Generator(device=f"cuda:{index}").manual_seed(seed).get_state())
+        self.state = {
+            "torch": torch.Generator().manual_seed(seed).get_state(),
+            "cuda": cuda,
+            "numpy": np.random.RandomState(seed % 2**32).get_state(),
+            "python": random.Random(seed).getstate(),
+        }
+
     @contextmanager
     def active(self, device: torch.device | str | None = None) -> Iterator[None]:
         """Draws inside the block come from this stream; afterwards the global generators are as before."""
@@ -111,10 +129,18 @@ class RandomStream:
             "format": STATE_FORMAT,
             "torch": self.state["torch"].clone(),
             "cuda": None if cuda is None else {"index": int(cuda[0]), "state": cuda[1].clone()},
-            "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                       "gauss_next": gauss_next},
+            "numpy": {
+                "name": str(name),
+                "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
+            "python": {
+                "version": int(version),
+                "internal": torch.tensor(internal, dtype=torch.int64),
+                "gauss_next": gauss_next,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -126,10 +152,19 @@ class RandomStream:
         numpy_state, python_state, cuda = state["numpy"], state["python"], state["cuda"]
         self.state = {
             "torch": state["torch"].to(device="cpu", dtype=torch.uint8).clone(),
-            "cuda": None if cuda is None else (int(cuda["index"]), cuda["state"].to(device="cpu",
-                                                                                      dtype=torch.uint8).clone()),
-            "numpy": (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), int(numpy_state["pos"]),
-                      int(numpy_state["has_gauss"]), float(numpy_state["cached_gaussian"])),
-            "python": (int(python_state["version"]), tuple(int(v) for v in python_state["internal"].tolist()),
-                       python_state["gauss_next"]),
+            "cuda": None
+            if cuda is None
+            else (int(cuda["index"]), cuda["state"].to(device="cpu", dtype=torch.uint8).clone()),
+            "numpy": (
+                numpy_state["name"],
+                numpy_state["keys"].numpy().astype(np.uint32),
+                int(numpy_state["pos"]),
+                int(numpy_state["has_gauss"]),
+                float(numpy_state["cached_gaussian"]),
+            ),
+            "python": (
+                int(python_state["version"]),
+                tuple(int(v) for v in python_state["internal"].tolist()),
+                python_state["gauss_next"],
+            ),
         }

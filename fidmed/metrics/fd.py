@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from fidmed.errors import FidmedError
+from fidmed.metrics.base import MetricInputs, MetricValue, register_metric
 
 #: Default tolerance for "negative eigenvalue from rounding" relative to the largest eigenvalue. Rounding in a
 #: float64 covariance of d = 2048 features gives about d * eps = 5e-13; 1e-8 leaves a wide margin for that and
@@ -87,8 +88,17 @@ class FDResult:
         return self.value
 
 
-def _result(route: str, n1: int | None, n2: int | None, dim: int, mean_term: float, t1: float, t2: float,
-            ts: float, constant_dims: int = 0) -> FDResult:
+def _result(
+    route: str,
+    n1: int | None,
+    n2: int | None,
+    dim: int,
+    mean_term: float,
+    t1: float,
+    t2: float,
+    ts: float,
+    constant_dims: int = 0,
+) -> FDResult:
     raw = mean_term + t1 + t2 - 2.0 * ts
     return FDResult(max(raw, 0.0), route, n1, n2, dim, mean_term, t1, t2, ts, raw, constant_dims)
 
@@ -138,12 +148,13 @@ def _eigh_factor(cov: torch.Tensor, n: int | None, what: str, psd_rtol: float) -
     if n is not None and int(keep.sum()) > n - 1:
         # eigh sorts ascending: keep the n - 1 largest
         keep = torch.zeros_like(keep)
-        keep[w.numel() - (n - 1):] = True
+        keep[w.numel() - (n - 1) :] = True
     return v[:, keep] * w[keep].sqrt()
 
 
-def _factor(cov: torch.Tensor, n: int | None, what: str, psd_rtol: float, allow_eigh: bool = True
-            ) -> tuple[torch.Tensor, bool]:
+def _factor(
+    cov: torch.Tensor, n: int | None, what: str, psd_rtol: float, allow_eigh: bool = True
+) -> tuple[torch.Tensor, bool]:
     """A factor F of ``cov`` (F F^T = cov) and whether it is a Cholesky factor (else a rank-truncated eigh one)."""
     chol = _cholesky(cov)
     if chol is not None:
@@ -186,14 +197,22 @@ def _sym(m: torch.Tensor) -> torch.Tensor:
     return 0.5 * (m + m.T)
 
 
-def _trace_sqrt_stats(mu1: torch.Tensor, cov1: torch.Tensor, n1: int | None, mu2: torch.Tensor,
-                      cov2: torch.Tensor, n2: int | None, method: str, psd_rtol: float
-                      ) -> tuple[float, str, int]:
+def _trace_sqrt_stats(
+    mu1: torch.Tensor,
+    cov1: torch.Tensor,
+    n1: int | None,
+    mu2: torch.Tensor,
+    cov2: torch.Tensor,
+    n2: int | None,
+    method: str,
+    psd_rtol: float,
+) -> tuple[float, str, int]:
     """tr((S1 S2)^1/2) from covariances: (value, route, number of constant features set aside)."""
     if method not in ("auto", "cholesky", "eigh"):
         raise FidmedError(f"unknown FD method {method!r}; use 'auto', 'cholesky' or 'eigh'")
-    const = (_constant_dims(cov1.diagonal(), mu1, "covariance 1", psd_rtol)
-             | _constant_dims(cov2.diagonal(), mu2, "covariance 2", psd_rtol))
+    const = _constant_dims(cov1.diagonal(), mu1, "covariance 1", psd_rtol) | _constant_dims(
+        cov2.diagonal(), mu2, "covariance 2", psd_rtol
+    )
     keep = ~const
     c1, c2 = _sym(cov1[keep][:, keep]), _sym(cov2[keep][:, keep])
     if method == "eigh":
@@ -292,9 +311,7 @@ def _trace_sqrt_nuclear(a_c: np.ndarray, b_c: np.ndarray) -> float:
     return _nuclear_norm(cross) / float(np.sqrt((n1 - 1.0) * (n2 - 1.0)))
 
 
-def frechet_distance_from_features(
-    a: Any, b: Any, route: str = "auto", psd_rtol: float = DEFAULT_PSD_RTOL
-) -> FDResult:
+def frechet_distance_from_features(a: Any, b: Any, route: str = "auto", psd_rtol: float = DEFAULT_PSD_RTOL) -> FDResult:
     """FD between two feature sets ``[n1, d]`` and ``[n2, d]`` (numpy or torch; computed in float64).
 
     ``route``: "auto" takes the Cholesky route when both sets have at least d images and both covariances are
@@ -317,15 +334,17 @@ def frechet_distance_from_features(
     t2 = float(np.einsum("ij,ij->", b_c, b_c) / (n2 - 1))
     if route != "nuclear" and not (route == "auto" and min(n1, n2) < d):
         cov1, cov2 = _f64(a_c.T @ a_c / (n1 - 1), None), _f64(b_c.T @ b_c / (n2 - 1), None)
-        ts, got, n_const = _trace_sqrt_stats(_f64(mu1, None), cov1, n1, _f64(mu2, None), cov2, n2,
-                                             "auto" if route == "auto" else route, psd_rtol)
+        ts, got, n_const = _trace_sqrt_stats(
+            _f64(mu1, None), cov1, n1, _f64(mu2, None), cov2, n2, "auto" if route == "auto" else route, psd_rtol
+        )
         if route != "auto" or (got == "cholesky" and n_const == 0):
             return _result(got, n1, n2, d, mean_term, t1, t2, ts, n_const)
     return _result("nuclear", n1, n2, d, mean_term, t1, t2, _trace_sqrt_nuclear(a_c, b_c))
 
 
-def frechet_distance_mixed(features: Any, mu: Any, cov: Any, n_stats: int | None = None,
-                           psd_rtol: float = DEFAULT_PSD_RTOL) -> FDResult:
+def frechet_distance_mixed(
+    features: Any, mu: Any, cov: Any, n_stats: int | None = None, psd_rtol: float = DEFAULT_PSD_RTOL
+) -> FDResult:
     """FD between a feature set ``[n, d]`` and a set known only by its mean and covariance (of ``n_stats``
     images, when known).
 
@@ -371,8 +390,19 @@ def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDRe
         if small.keep_features and small.count < small.dim:
             res = frechet_distance_mixed(small.features, large.mean, large.cov, n_stats=large.count)
             t1, t2 = (res.trace1, res.trace2) if small is m1 else (res.trace2, res.trace1)
-            return FDResult(res.value, res.route, m1.count, m2.count, res.dim, res.mean_term, t1, t2,
-                            res.trace_sqrt, res.raw, res.constant_dims)
+            return FDResult(
+                res.value,
+                res.route,
+                m1.count,
+                m2.count,
+                res.dim,
+                res.mean_term,
+                t1,
+                t2,
+                res.trace_sqrt,
+                res.raw,
+                res.constant_dims,
+            )
     if route == "nuclear":
         if not have_features:
             raise FidmedError("the nuclear FD route needs kept features: use StreamingMoments(keep_features=True)")
@@ -380,13 +410,56 @@ def frechet_distance_from_moments(m1: Any, m2: Any, route: str = "auto") -> FDRe
     return frechet_distance_stats(m1.mean, m1.cov, m2.mean, m2.cov, n1=m1.count, n2=m2.count, method=route)
 
 
-# ---------------------------------------------------------------------------------------------- relative FD
-def relative_fd(fd_gen_real: float | FDResult, fd_real_split: float | FDResult) -> float:
-    """Relative FD = FD(generated, real) / FD(real half A, real half B) (the study's normalisation)."""
-    num, den = float(fd_gen_real), float(fd_real_split)
-    if not np.isfinite(den) or den <= 0.0:
-        raise FidmedError(
-            f"the real-vs-real split FD is {den!r}; relative FD needs a positive value (use more real images, "
-            "and split them into two disjoint halves)"
+# ---------------------------------------------------------------------------------------------- registered metrics
+def moments_for_fd(m: Any) -> Any:
+    """``m`` without kept features where the FD does not need them (n >= d), so that keeping features for kNN
+    metrics never changes the FD route: FD numbers are the same whichever metrics were asked for."""
+    from fidmed.metrics.moments import StreamingMoments
+
+    if not m.keep_features or m.count < m.dim:
+        return m
+    state = {k: v for k, v in m.state_dict().items() if k not in ("features", "indices")}
+    state["keep_features"] = False
+    return StreamingMoments.from_state_dict(state)
+
+
+@register_metric(
+    "fd", columns={"fd": "FD"}, summary="Frechet distance of the generated to the real set (float64, exact routes)"
+)
+def fd_metric(inputs: MetricInputs) -> list[MetricValue]:
+    res = frechet_distance_from_moments(moments_for_fd(inputs.gen), moments_for_fd(inputs.real))
+    return [
+        MetricValue(
+            "fd",
+            res.value,
+            {"route": res.route, "mean_term": res.mean_term, "raw": res.raw, "constant_dims": res.constant_dims},
         )
-    return num / den
+    ]
+
+
+@register_metric(
+    "rfd",
+    columns={"rfd": "rFD"},
+    requires=("fd",),
+    summary="relative FD: FD / FD between two seeded halves of the real set (the study's rFD)",
+)
+def rfd_metric(inputs: MetricInputs) -> list[MetricValue]:
+    """Relative FD = FD(generated, real) / FD(real half A, real half B); NaN when the split FD is not positive
+    (too few or identical real images)."""
+    a, b = inputs.real_halves
+    split = frechet_distance_from_moments(a, b)
+    fd = inputs.results["fd"].value
+    value = fd / split.value if split.value > 0 else float("nan")
+    return [
+        MetricValue(
+            "rfd",
+            value,
+            {
+                "fd": fd,
+                "fd_real_split": split.value,
+                "split_route": split.route,
+                "n_half_a": a.count,
+                "n_half_b": b.count,
+            },
+        )
+    ]

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fidmed.errors import FidmedError
+from fidmed.errors import ConfigError, FidmedError
+from fidmed.metrics.base import MetricInputs, MetricValue, register_metric
 from fidmed.metrics.knn import resolve_knn_device
 
 KID_N_SUBSETS = 100
@@ -53,14 +54,22 @@ def poly_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, degree: int = 3, coef: 
     return float(within - 2 * kxy.sum() / (m * m))
 
 
-def kid(real_features: Any, fake_features: Any, n_subsets: int = KID_N_SUBSETS,
-        subset_size: int = KID_SUBSET_SIZE, seed: int = 0, device: str | torch.device | None = "auto") -> KIDResult:
+def kid(
+    real_features: Any,
+    fake_features: Any,
+    n_subsets: int = KID_N_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+) -> KIDResult:
     """KID of generated against real features (symmetric in its arguments; real first by convention)."""
     dev = resolve_knn_device(device, real_features)
-    real = torch.as_tensor(np.asarray(real_features) if not isinstance(real_features, torch.Tensor)
-                           else real_features).to(dev, torch.float64)
-    fake = torch.as_tensor(np.asarray(fake_features) if not isinstance(fake_features, torch.Tensor)
-                           else fake_features).to(dev, torch.float64)
+    real = torch.as_tensor(
+        np.asarray(real_features) if not isinstance(real_features, torch.Tensor) else real_features
+    ).to(dev, torch.float64)
+    fake = torch.as_tensor(
+        np.asarray(fake_features) if not isinstance(fake_features, torch.Tensor) else fake_features
+    ).to(dev, torch.float64)
     m = min(int(subset_size), real.shape[0], fake.shape[0])
     if m < 2:
         raise FidmedError(f"KID needs at least 2 images per set, got {real.shape[0]} real, {fake.shape[0]} generated")
@@ -86,8 +95,9 @@ class FDInfResult:
         return asdict(self)
 
 
-def fd_infinity(fake_features: Any, real_moments: Any, n_points: int = 15, min_n: int | None = None,
-                seed: int = 0) -> FDInfResult:
+def fd_infinity(
+    fake_features: Any, real_moments: Any, n_points: int = 15, min_n: int | None = None, seed: int = 0
+) -> FDInfResult:
     """FD-infinity of generated features against real moments (a ``StreamingMoments``)."""
     from fidmed.metrics.fd import frechet_distance_from_moments
     from fidmed.metrics.moments import StreamingMoments
@@ -97,8 +107,9 @@ def fd_infinity(fake_features: Any, real_moments: Any, n_points: int = 15, min_n
     if min_n is None:
         min_n = max(2, n // 10)  # Chong & Forsyth: 5,000 of 50,000
     if n_points < 2 or min_n >= n:
-        raise FidmedError(f"FD-infinity needs at least 2 subset sizes between min_n={min_n} and N={n}; "
-                          f"generate more images")
+        raise FidmedError(
+            f"FD-infinity needs at least 2 subset sizes between min_n={min_n} and N={n}; generate more images"
+        )
     ns = np.linspace(min_n, n, n_points).astype(np.int64)
     perm = np.random.default_rng(seed).permutation(n)
     fds = []
@@ -109,3 +120,51 @@ def fd_infinity(fake_features: Any, real_moments: Any, n_points: int = 15, min_n
     design = np.stack([np.ones(len(ns)), 1.0 / ns], axis=1)
     (intercept, slope), *_ = np.linalg.lstsq(design, np.asarray(fds), rcond=None)
     return FDInfResult(float(intercept), float(slope), [int(x) for x in ns], [float(x) for x in fds], int(seed))
+
+
+@dataclass
+class KIDConfig:
+    """``eval.kid``: the subsets KID averages over (seeded by ``eval.metric_seed``)."""
+
+    subsets: int = KID_N_SUBSETS
+    subset_size: int = KID_SUBSET_SIZE
+
+    def __post_init__(self) -> None:
+        if int(self.subsets) < 1 or int(self.subset_size) < 2:
+            raise ConfigError(
+                f"eval.kid.subsets={self.subsets} must be >= 1 and eval.kid.subset_size={self.subset_size} >= 2."
+            )
+
+
+@register_metric(
+    "kid",
+    columns={"kid": "KID"},
+    needs_gen_features=True,
+    needs_real_features=True,
+    config=KIDConfig,
+    summary="Kernel Inception Distance: unbiased MMD^2, cubic kernel, seeded subsets",
+)
+def kid_metric(inputs: MetricInputs) -> list[MetricValue]:
+    opts = inputs.options
+    res = kid(
+        inputs.real_features,
+        inputs.gen_features,
+        int(opts.subsets),
+        int(opts.subset_size),
+        inputs.seed,
+        device=inputs.device,
+    )
+    return [MetricValue("kid", res.value, {**res.as_dict(), "kernel": "(x.y/d+1)^3", "estimator": "unbiased"})]
+
+
+@register_metric(
+    "fd_inf",
+    columns={"fd_inf": "FD-inf"},
+    needs_gen_features=True,
+    summary="FD-infinity: FD on seeded subsets of the generated set extrapolated to N = infinity",
+)
+def fd_inf_metric(inputs: MetricInputs) -> list[MetricValue]:
+    from fidmed.metrics.fd import moments_for_fd
+
+    res = fd_infinity(inputs.gen_features, moments_for_fd(inputs.real), seed=inputs.seed)
+    return [MetricValue("fd_inf", res.value, res.as_dict())]

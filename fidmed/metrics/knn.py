@@ -1,9 +1,9 @@
 """k-nearest-neighbour metrics: improved precision/recall (Kynkaanniemi et al. 2019) and density/coverage
 (Naeem et al. 2020), computed in row chunks with bounded memory.
 
-Argument order (the study's pitfall, REFERENCE.md section 5): ``prdc(real_features, fake_features, k)``. The
-study's README passed the *generated* images as StudioGAN's first (reference) set, which swaps precision and
-recall. Here the first argument is always the real set and the definitions are the standard ones:
+Argument order (the study's pitfall, docs/metrics.md#precision-recall-density-coverage): ``prdc(real_features,
+fake_features, k)``. The study's README passed the *generated* images as StudioGAN's first (reference) set, which
+swaps precision and recall. Here the first argument is always the real set and the definitions are the standard ones:
 
     r_real[i]  distance from real i to its k-th nearest other real sample   (k-th NN radius, self excluded)
     r_fake[j]  distance from fake j to its k-th nearest other fake sample
@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fidmed.errors import FidmedError
+from fidmed.errors import ConfigError, FidmedError
+from fidmed.metrics.base import MetricInputs, MetricValue, register_metric
 
 DEFAULT_K = 5  # the study's StudioGAN default
 ARGUMENT_ORDER = "prdc(real_features, fake_features, k): precision = share of fakes inside the real manifold"
@@ -77,18 +78,20 @@ def _chunk_rows(chunk_size: int | None, n_cols: int, memory_bytes: int) -> int:
     return max(1, memory_bytes // (8 * max(1, n_cols)))
 
 
-def kth_nn_radii(features: torch.Tensor, k: int, chunk_size: int | None = None,
-                 memory_bytes: int = DEFAULT_MEMORY_BYTES) -> torch.Tensor:
+def kth_nn_radii(
+    features: torch.Tensor, k: int, chunk_size: int | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> torch.Tensor:
     """Distance of every row to its k-th nearest other row (the (k+1)-th smallest including itself), chunked."""
     n = features.shape[0]
     if n < k + 1:
-        raise FidmedError(f"k-NN radii with k={k} need at least {k + 1} samples, got {n}; use more images or a "
-                          f"smaller k")
+        raise FidmedError(
+            f"k-NN radii with k={k} need at least {k + 1} samples, got {n}; use more images or a smaller k"
+        )
     rows = _chunk_rows(chunk_size, n, memory_bytes)
     out = torch.empty(n, dtype=features.dtype, device=features.device)
     for start in range(0, n, rows):
-        d = torch.cdist(features[start:start + rows], features, compute_mode="use_mm_for_euclid_dist")
-        out[start:start + rows] = torch.topk(d, k + 1, dim=1, largest=False, sorted=True).values[:, k]
+        d = torch.cdist(features[start : start + rows], features, compute_mode="use_mm_for_euclid_dist")
+        out[start : start + rows] = torch.topk(d, k + 1, dim=1, largest=False, sorted=True).values[:, k]
     return out
 
 
@@ -101,9 +104,16 @@ def resolve_knn_device(device: str | torch.device | None, like: torch.Tensor | n
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prdc(real_features: Any, fake_features: Any, k: int = DEFAULT_K, *, chunk_size: int | None = None,
-         device: str | torch.device | None = "auto", dtype: torch.dtype = torch.float64,
-         memory_bytes: int = DEFAULT_MEMORY_BYTES) -> PRDC:
+def prdc(
+    real_features: Any,
+    fake_features: Any,
+    k: int = DEFAULT_K,
+    *,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype = torch.float64,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> PRDC:
     """Precision, recall, density and coverage of ``fake_features`` against ``real_features`` (see module doc).
 
     ``chunk_size``: rows per distance block (None: from ``memory_bytes``); it never changes the result.
@@ -115,8 +125,10 @@ def prdc(real_features: Any, fake_features: Any, k: int = DEFAULT_K, *, chunk_si
     real = _as_tensor(real_features, "real features", dev, dtype)
     fake = _as_tensor(fake_features, "generated features", dev, dtype)
     if real.shape[1] != fake.shape[1]:
-        raise FidmedError(f"real features are {real.shape[1]}-d but generated features {fake.shape[1]}-d: "
-                          f"they come from different extractors")
+        raise FidmedError(
+            f"real features are {real.shape[1]}-d but generated features {fake.shape[1]}-d: "
+            f"they come from different extractors"
+        )
     n_real, n_fake = real.shape[0], fake.shape[0]
     r_real = kth_nn_radii(real, k, chunk_size, memory_bytes)
     r_fake = kth_nn_radii(fake, k, chunk_size, memory_bytes)
@@ -127,8 +139,8 @@ def prdc(real_features: Any, fake_features: Any, k: int = DEFAULT_K, *, chunk_si
     recall_hits = 0
     coverage_hits = 0
     for start in range(0, n_real, rows):
-        d = torch.cdist(real[start:start + rows], fake, compute_mode="use_mm_for_euclid_dist")  # [c, n_fake]
-        radii = r_real[start:start + rows, None]
+        d = torch.cdist(real[start : start + rows], fake, compute_mode="use_mm_for_euclid_dist")  # [c, n_fake]
+        radii = r_real[start : start + rows, None]
         inside_real = d < radii
         fake_inside |= inside_real.any(dim=0)
         fake_count += inside_real.sum(dim=0)
@@ -139,5 +151,44 @@ def prdc(real_features: Any, fake_features: Any, k: int = DEFAULT_K, *, chunk_si
         recall=recall_hits / n_real,
         density=float(fake_count.double().sum()) / (k * n_fake),
         coverage=coverage_hits / n_real,
-        k=k, n_real=n_real, n_fake=n_fake, distance_dtype=str(dtype).replace("torch.", ""),
+        k=k,
+        n_real=n_real,
+        n_fake=n_fake,
+        distance_dtype=str(dtype).replace("torch.", ""),
     )
+
+
+@dataclass
+class PRDCConfig:
+    """``eval.prdc``: options of precision/recall/density/coverage."""
+
+    k: int = DEFAULT_K  # nearest neighbours (the study's StudioGAN: 5)
+
+    def __post_init__(self) -> None:
+        if int(self.k) < 1:
+            raise ConfigError(f"eval.prdc.k={self.k} must be >= 1 (the study used 5).")
+
+
+@register_metric(
+    "prdc",
+    columns={"precision": "P", "recall": "R", "density": "D", "coverage": "C"},
+    needs_gen_features=True,
+    needs_real_features=True,
+    config=PRDCConfig,
+    summary="improved precision/recall (Kynkaanniemi 2019) and density/coverage (Naeem 2020), "
+    "k nearest neighbours, real set first",
+)
+def prdc_metric(inputs: MetricInputs) -> list[MetricValue]:
+    k = int(inputs.options.k)
+    res = prdc(inputs.real_features, inputs.gen_features, k, device=inputs.device)
+    details = {
+        "k": res.k,
+        "argument_order": ARGUMENT_ORDER,
+        "distance_dtype": res.distance_dtype,
+        "n_real": res.n_real,
+        "n_gen": res.n_fake,
+    }
+    return [
+        MetricValue(name, getattr(res, name), details, {"knn_k": res.k})
+        for name in ("precision", "recall", "density", "coverage")
+    ]

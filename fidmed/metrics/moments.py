@@ -111,7 +111,7 @@ class StreamingMoments:
         new_outer = self._outer + cross + cross.T + n * torch.outer(delta, delta)
         return new_sum, new_outer
 
-    def merge(self, other: "StreamingMoments") -> "StreamingMoments":
+    def merge(self, other: StreamingMoments) -> StreamingMoments:
         """Add another state's samples to this one (in place; returns self)."""
         if other.dim != self.dim:
             raise FidmedError(f"cannot merge moments of dimension {other.dim} into dimension {self.dim}")
@@ -199,7 +199,7 @@ class StreamingMoments:
         return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> "StreamingMoments":
+    def from_state_dict(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> StreamingMoments:
         fmt = str(np.asarray(state.get("format", "")))
         if fmt != STATE_FORMAT:
             raise FidmedError(f"unknown moments format {fmt!r} (expected {STATE_FORMAT!r}); delete the stale cache")
@@ -220,7 +220,7 @@ class StreamingMoments:
         return m
 
     # ------------------------------------------------------------------ distributed
-    def all_reduce(self, group: Any = None) -> "StreamingMoments":
+    def all_reduce(self, group: Any = None) -> StreamingMoments:
         """Combine the states of all ranks in place so every rank holds the global statistics (exact).
 
         Sums: all ranks agree on one shift (the count-weighted mean of the ranks' means), re-express their sums

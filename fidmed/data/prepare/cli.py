@@ -1,13 +1,14 @@
-"""The ``fidmed prepare`` sub-commands; :func:`add_prepare_parser` registers them on the ``fidmed`` parser.
+"""``fidmed prepare NAME``: one sub-command per registered preparer, built from :data:`PREPARERS`.
 
-    fidmed prepare xray    --src ChestX-ray14/         --out data/xray
-    fidmed prepare ct      --src SLIVER07/scan/        --out data/ct
+    fidmed prepare ct      --src SLIVER07/scan/              --out data/ct
     fidmed prepare mri     --src Task01_BrainTumour/imagesTr --out data/mri  [--rescale slice]
-    fidmed prepare cardiac --src ACDC/database/        --out data/cardiac
     fidmed prepare dicom   --src DICOM/ --out data/mine [--window 40,400] [--slices 10:-10] [--resolution 256]
 
-Every sub-command reproduces the study's preparation by default (see each module's docstring), writes 8-bit
-PNGs plus ``manifest.json``, resumes an interrupted run, and skips-and-lists bad files (``--strict`` stops).
+Each sub-command's help, description and options come from its preparer's registration (the preparer's
+module: ``fidmed prepare ct`` is :mod:`fidmed.data.prepare.ct`); this module adds the options every run shares
+(``--src``, ``--out``, ``--workers`` ...), the argument types the preparers' options use, and the handler, which
+runs :func:`fidmed.data.prepare.runner.run_prepare` and prints a summary. Ctrl-C stops a run cleanly with one
+line and exit status 130; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -17,31 +18,15 @@ import logging
 import sys
 from typing import Any
 
-from fidmed.errors import ConfigError
+from fidmed.data.prepare.preparer import PREPARERS
 
-_DESCRIPTION = """\
-Raw dataset -> a folder of 8-bit PNGs plus manifest.json, as the study prepared it (by default).
-
-    fidmed prepare xray    --src ChestX-ray14/               --out data/xray
-    fidmed prepare ct      --src SLIVER07/scan/              --out data/ct
-    fidmed prepare mri     --src Task01_BrainTumour/imagesTr --out data/mri   [--rescale slice]
-    fidmed prepare cardiac --src ACDC/database/              --out data/cardiac
-    fidmed prepare dicom   --src DICOM/ --out data/mine [--window 40,400] [--slices 10:-10] [--resolution 256]
-
-Runs resume where they stopped; bad files are skipped and listed (in manifest.json too), or stop the run with
---strict. `fidmed prepare NAME --help` lists each one's options."""
-
-_SUBCOMMANDS = {
-    "xray": "NIH ChestX-ray14 PNGs -> 8-bit grey PNGs (the study's prepare_chestxray14.py)",
-    "ct": "SLIVER07 .mhd volumes -> every axial slice, per-slice min-max (the study's prepare_sliver07.py)",
-    "mri": "MSD brain tumour 4-D NIfTIs -> 4 sequences, volume min-max, pad 256, >15%% non-zero "
-           "(the study's prepare_MSDbt.py)",
-    "cardiac": "ACDC 4-D NIfTIs -> frame 0, pad square, B-spline 256, min-max (the study's prepare_ACDC.py)",
-    "dicom": "a folder of DICOM series -> windowed 8-bit slices (not in the study)",
-}
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT: the shell's status of a command stopped by Ctrl-C
 
 
-def _positive_int(text: str) -> int:
+# -- argument types and options shared by preparers -------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -51,7 +36,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip() != "")
     except ValueError:
@@ -61,7 +46,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -71,131 +56,147 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _common_options() -> argparse.ArgumentParser:
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quantize round|floor`` (field ``quantize``, :func:`fidmed.data.prepare.pixels.to_uint8`)."""
+    parser.add_argument(
+        "--quantize",
+        choices=("round", "floor"),
+        default="round",
+        help="float [0, 255] to uint8: round to nearest (default) or truncate; the study's own 8-bit "
+        "conversion is not in its code",
+    )
+
+
+def add_nan_argument(parser: argparse.ArgumentParser) -> None:
+    """``--nan zero|skip`` (field ``nan``) of the NIfTI preparers."""
+    parser.add_argument(
+        "--nan",
+        choices=("zero", "skip"),
+        default="zero",
+        help="NaN/inf voxels: read as 0 and list the file (SimpleITK's reading, the study's; default) or skip the file",
+    )
+
+
+def _run_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("input and output")
     group.add_argument("--src", required=True, help="the raw dataset folder")
     group.add_argument("--out", required=True, help="output folder (created; PNGs + manifest.json)")
     run = common.add_argument_group("run")
-    run.add_argument("--workers", type=_positive_int, default=None,
-                     help="worker processes (default: CPU count, at most 8; 1 = no worker processes)")
-    run.add_argument("--strict", action="store_true",
-                     help="stop at the first unreadable/bad file instead of skipping and listing it")
-    run.add_argument("--overwrite", action="store_true",
-                     help="--out was prepared with other parameters: delete its images and start over")
+    run.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="worker processes (default: CPU count, at most 8; 1 = no worker processes)",
+    )
+    run.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable/bad file instead of skipping and listing it"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out was prepared with other parameters: delete its images and start over",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--quantize", choices=("round", "floor"), default="round",
-                     help="float [0, 255] to uint8: round to nearest (default) or truncate; the study's own 8-bit "
-                          "conversion is not in its code")
     return common
 
 
+# -- the sub-commands -------------------------------------------------------------------------------------------
+
+
+def _ordered_entries() -> list:
+    """The registered preparers: the study's first, then the others, each group by name."""
+    return sorted(PREPARERS.entries(), key=lambda e: (e.info.study_script is None, e.name))
+
+
+def _description(entries: list) -> str:
+    width = max(len(e.name) for e in entries)
+    examples = "\n".join(f"    fidmed prepare {e.name:<{width}} {e.info.example}" for e in entries)
+    return (
+        f"Raw dataset -> a folder of 8-bit PNGs plus manifest.json, as the study prepared it (by default).\n\n"
+        f"{examples}\n\n"
+        "Runs resume where they stopped (after Ctrl-C too: run the same command again); bad files are skipped "
+        "and listed\n(in manifest.json too), or stop the run with --strict. `fidmed prepare NAME --help` lists "
+        "each one's options\nand where it differs from the study's script."
+    )
+
+
 def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prepare`` and its sub-commands (xray, ct, mri, cardiac, dicom) on ``fidmed``'s sub-parsers."""
-    prepare = subparsers.add_parser("prepare", help="prepare a dataset: raw files -> 8-bit PNGs + manifest.json",
-                                    description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = prepare.add_subparsers(dest="prepare_command", required=True, metavar="{xray,ct,mri,cardiac,dicom}")
-    common = _common_options()
-
-    def add(name: str) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, parents=[common], help=_SUBCOMMANDS[name],
-                                description=_SUBCOMMANDS[name].replace("%%", "%"))
+    """Register ``prepare`` and one sub-command per registered preparer on ``fidmed``'s sub-parsers."""
+    entries = _ordered_entries()
+    prepare = subparsers.add_parser(
+        "prepare",
+        help="prepare a dataset: raw files -> 8-bit PNGs + manifest.json",
+        description=_description(entries),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = prepare.add_subparsers(
+        dest="prepare_command", required=True, metavar="{" + ",".join(e.name for e in entries) + "}"
+    )
+    common = _run_options()
+    for entry in entries:
+        parser = sub.add_parser(
+            entry.name,
+            parents=[common],
+            help=entry.info.help.replace("%", "%%"),
+            description=entry.info.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        entry.obj.add_arguments(parser)
         parser.set_defaults(func=cmd_prepare)
-        return parser
-
-    p = add("xray")
-    p.add_argument("--high-depth", choices=("refuse", "rescale"), default="refuse",
-                   help="16/32-bit PNGs: refuse (listed as skipped; default) or min-max rescale to 8 bits")
-    p.add_argument("--resolution", type=_positive_int, default=None,
-                   help="resize to N x N (default: native size, as the study)")
-
-    p = add("ct")
-    p.add_argument("--pattern", default="*.mhd", help="file-name pattern of the volumes (default *.mhd)")
-    p.add_argument("--constant", choices=("skip", "zero"), default="skip",
-                   help="constant slices (min = max): skip and list (default) or write black")
-    p.add_argument("--resolution", type=_positive_int, default=None,
-                   help="resize to N x N (default: native size, as the study)")
-
-    p = add("mri")
-    p.add_argument("--rescale", choices=("volume", "slice"), default="volume",
-                   help="min-max per sequence volume (the study's script; default) or per slice (its README)")
-    p.add_argument("--sequences", type=_int_list, default=(0, 1, 2, 3),
-                   help="sequences to keep, 0=FLAIR 1=T1w 2=T1gd 3=T2w (default 0,1,2,3)")
-    p.add_argument("--pad-to", type=_positive_int, default=256, help="zero-pad slices to N x N (default 256)")
-    p.add_argument("--min-nonzero", type=_fraction, default=0.15,
-                   help="keep a slice when its share of non-zero pixels exceeds this (default 0.15)")
-    p.add_argument("--nan", choices=("zero", "skip"), default="zero",
-                   help="NaN/inf voxels: read as 0 and list the file (SimpleITK's reading, the study's; default) "
-                        "or skip the file")
-
-    p = add("cardiac")
-    p.add_argument("--frames", type=_int_list, default=(0,), help="time frames to keep (default 0)")
-    p.add_argument("--size", type=_positive_int, default=256, help="B-spline resample to N x N (default 256)")
-    p.add_argument("--constant", choices=("skip", "zero"), default="skip",
-                   help="constant slices: skip and list (default) or write black")
-    p.add_argument("--nan", choices=("zero", "skip"), default="zero",
-                   help="NaN/inf voxels: read as 0 and list the file (SimpleITK's reading, the study's; default) "
-                        "or skip the file")
-
-    p = add("dicom")
-    p.add_argument("--window", default="minmax",
-                   help="minmax (per slice; default), volume (per series), dicom (the files' WindowCenter/Width) "
-                        "or CENTER,WIDTH in modality units, e.g. 40,400")
-    p.add_argument("--slices", default="all",
-                   help="all (default), middle, or START:STOP[:STEP] over each series' sorted slices")
-    p.add_argument("--square", choices=("pad", "none"), default="pad",
-                   help="pad non-square slices to a square with the slice minimum (default) or keep them")
-    p.add_argument("--resolution", type=_positive_int, default=None, help="resize to N x N (default: native)")
-    p.add_argument("--constant", choices=("skip", "zero"), default="skip",
-                   help="constant slices under --window minmax: skip and list (default) or write black")
     return prepare
 
 
 def preparer_from_args(args: argparse.Namespace) -> Any:
-    """The preparer an argparse namespace of ``fidmed prepare <name>`` describes."""
-    from fidmed.data import prepare as P
-
-    name = args.prepare_command
-    q = args.quantize
-    if name == "xray":
-        return P.XrayPreparer(high_depth=args.high_depth, resolution=args.resolution, quantize=q)
-    if name == "ct":
-        return P.CTPreparer(pattern=args.pattern, constant=args.constant, resolution=args.resolution, quantize=q)
-    if name == "mri":
-        return P.MRIPreparer(rescale=args.rescale, sequences=args.sequences, pad_to=args.pad_to,
-                             min_nonzero=args.min_nonzero, nan=args.nan, quantize=q)
-    if name == "cardiac":
-        return P.CardiacPreparer(frames=args.frames, size=args.size, constant=args.constant, nan=args.nan,
-                                 quantize=q)
-    if name == "dicom":
-        return P.DicomPreparer(window=args.window, slices=args.slices, square=args.square,
-                               resolution=args.resolution, constant=args.constant, quantize=q)
-    raise ConfigError(f"unknown preparer {name!r}")
+    """The preparer an argparse namespace of ``fidmed prepare NAME`` describes."""
+    return PREPARERS.get(args.prepare_command).obj.from_args(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Handler of ``fidmed prepare <name>``: run, then print a summary (skipped files listed)."""
-    from fidmed.data.prepare.common import MANIFEST_NAME, run_prepare
+    """Handler of ``fidmed prepare NAME``: run, then print a summary (skipped files listed)."""
+    from fidmed.data.prepare.output import MANIFEST_NAME
+    from fidmed.data.prepare.runner import run_prepare
 
     logging.basicConfig(level=logging.WARNING, format="fidmed prepare: %(message)s")
     preparer = preparer_from_args(args)
-    report = run_prepare(preparer, args.src, args.out, workers=args.workers, strict=args.strict,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        report = run_prepare(
+            preparer,
+            args.src,
+            args.out,
+            workers=args.workers,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"fidmed prepare {preparer.name}: interrupted; {args.out} keeps the finished sources, run the same "
+            f"command again to resume.",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_EXIT_STATUS
     m = report.manifest
     sizes = ", ".join(f"{s['count']} x {s['width']}x{s['height']}" for s in m["image_sizes"])
     counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items() if k != "images" and v)
-    print(f"fidmed prepare {preparer.name}: {m['counts']['images']} images ({sizes}) in {report.out}; "
-          f"{report.converted} source(s) converted, {report.reused} already done; {counts}")
+    print(
+        f"fidmed prepare {preparer.name}: {m['counts']['images']} images ({sizes}) in {report.out}; "
+        f"{report.converted} source(s) converted, {report.reused} already done; {counts}"
+    )
     if report.skipped:
-        print(f"skipped ({len(report.skipped)}; all listed under 'skipped' in {report.out / MANIFEST_NAME}):",
-              file=sys.stderr)
+        print(
+            f"skipped ({len(report.skipped)}; all listed under 'skipped' in {report.out / MANIFEST_NAME}):",
+            file=sys.stderr,
+        )
         for item in report.skipped[:20]:
             where = f" [{item['where']}]" if item["where"] else ""
             print(f"  {item['source']}{where}: {item['reason']}", file=sys.stderr)
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more", file=sys.stderr)
     if len(m["image_sizes"]) > 1:
-        print("warning: the images differ in size; the training loader needs one size: re-run with --resolution",
-              file=sys.stderr)
+        print(
+            "warning: the images differ in size; the training loader needs one size: re-run with --resolution",
+            file=sys.stderr,
+        )
     print(f"content sha256 {m['content_sha256']}")
     return 0

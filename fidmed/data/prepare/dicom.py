@@ -30,18 +30,21 @@ Colour images, series mixing slice sizes and unreadable files are skipped and li
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from fidmed.data.prepare.common import (BadSource, Discovery, Emitter, Preparer, Quantize, Source,
-                                        centered_pad_split, list_files, minmax_to_255, require_medical, resize_float,
-                                        to_uint8)
+from fidmed.data.prepare.cli import add_quantize_argument, positive_int
+from fidmed.data.prepare.output import Emitter
+from fidmed.data.prepare.pixels import Quantize, centered_pad_split, minmax_to_255, resize_float, to_uint8
+from fidmed.data.prepare.preparer import PREPARERS, BadSource, Preparer, PreparerInfo, require_medical
+from fidmed.data.prepare.sources import Discovery, Source, list_files
 from fidmed.errors import ConfigError, DataError
 
 _DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
@@ -117,6 +120,19 @@ class _Slice:
     where: str
 
 
+@PREPARERS.register(
+    "dicom",
+    info=PreparerInfo(
+        help="a folder of DICOM series -> windowed 8-bit slices (not in the study)",
+        description="""\
+A folder of DICOM series (your own scanner data; not part of the study) to 8-bit slices: the files are grouped
+by SeriesInstanceUID, the Modality LUT is applied (Hounsfield units for CT), multi-frame files are split, the
+slices are sorted along the slice normal, then windowed (--window), optionally selected (--slices), padded to a
+square (--square) and resized (--resolution). MONOCHROME1 images are inverted.""",
+        example="--src DICOM/ --out data/mine [--window 40,400] [--slices 10:-10] [--resolution 256]",
+        version="dicom-1",
+    ),
+)
 @dataclass(frozen=True)
 class DicomPreparer(Preparer):
     """DICOM series to 8-bit slices (see the module docstring)."""
@@ -128,9 +144,33 @@ class DicomPreparer(Preparer):
     constant: Literal["skip", "zero"] = "skip"
     quantize: Quantize = "round"
 
-    name: ClassVar[str] = "dicom"
-    version: ClassVar[str] = "dicom-1"
-    study_script: ClassVar[str | None] = None
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--window",
+            default="minmax",
+            help="minmax (per slice; default), volume (per series), dicom (the files' "
+            "WindowCenter/Width) or CENTER,WIDTH in modality units, e.g. 40,400",
+        )
+        parser.add_argument(
+            "--slices",
+            default="all",
+            help="all (default), middle, or START:STOP[:STEP] over each series' sorted slices",
+        )
+        parser.add_argument(
+            "--square",
+            choices=("pad", "none"),
+            default="pad",
+            help="pad non-square slices to a square with the slice minimum (default) or keep them",
+        )
+        parser.add_argument("--resolution", type=positive_int, default=None, help="resize to N x N (default: native)")
+        parser.add_argument(
+            "--constant",
+            choices=("skip", "zero"),
+            default="skip",
+            help="constant slices under --window minmax: skip and list (default) or write black",
+        )
+        add_quantize_argument(parser)
 
     def __post_init__(self) -> None:
         parse_window(self.window)
@@ -138,19 +178,25 @@ class DicomPreparer(Preparer):
 
     def steps(self) -> list[str]:
         mode, fixed = parse_window(self.window)
-        window = {"minmax": "per-slice min-max to [0, 255] (float64)",
-                  "volume": "min-max over the whole series to [0, 255] (float64)",
-                  "dicom": "each file's first WindowCenter/WindowWidth, DICOM linear VOI function to [0, 255]",
-                  "fixed": f"window center {fixed[0] if fixed else ''}, width {fixed[1] if fixed else ''}, "
-                           f"DICOM linear VOI function to [0, 255]"}[mode]
-        steps = ["every DICOM image file under --src (recursively), grouped by SeriesInstanceUID",
-                 "pixel data through pydicom, Modality LUT (RescaleSlope/Intercept), multi-frame files split",
-                 "slices sorted by position along the slice normal, then InstanceNumber, then file name",
-                 f"slices: {self.slices}",
-                 "non-square slices padded to a square with the slice minimum" if self.square == "pad"
-                 else "non-square slices kept as they are",
-                 window, f"constant slices (min = max) under min-max: {self.constant}",
-                 "MONOCHROME1 inverted (255 - v)"]
+        window = {
+            "minmax": "per-slice min-max to [0, 255] (float64)",
+            "volume": "min-max over the whole series to [0, 255] (float64)",
+            "dicom": "each file's first WindowCenter/WindowWidth, DICOM linear VOI function to [0, 255]",
+            "fixed": f"window center {fixed[0] if fixed else ''}, width {fixed[1] if fixed else ''}, "
+            f"DICOM linear VOI function to [0, 255]",
+        }[mode]
+        steps = [
+            "every DICOM image file under --src (recursively), grouped by SeriesInstanceUID",
+            "pixel data through pydicom, Modality LUT (RescaleSlope/Intercept), multi-frame files split",
+            "slices sorted by position along the slice normal, then InstanceNumber, then file name",
+            f"slices: {self.slices}",
+            "non-square slices padded to a square with the slice minimum"
+            if self.square == "pad"
+            else "non-square slices kept as they are",
+            window,
+            f"constant slices (min = max) under min-max: {self.constant}",
+            "MONOCHROME1 inverted (255 - v)",
+        ]
         if self.resolution is not None:
             steps.append(f"resize to {self.resolution}x{self.resolution} (PIL bicubic on float32)")
         steps.append(f"{self.quantize} to uint8; output <PatientID>_<SeriesNumber>_<uid hash>_<index>.png")
@@ -161,8 +207,11 @@ class DicomPreparer(Preparer):
         pydicom = require_medical("pydicom")
         groups: dict[str, list[str]] = defaultdict(list)
         skipped: list[tuple[str, str]] = []
-        candidates = [rel for rel in list_files(src)
-                      if Path(rel).suffix.lower() in _DICOM_SUFFIXES or Path(rel).suffix[1:].isdigit()]
+        candidates = [
+            rel
+            for rel in list_files(src)
+            if Path(rel).suffix.lower() in _DICOM_SUFFIXES or Path(rel).suffix[1:].isdigit()
+        ]
         for rel in candidates:
             try:
                 ds = pydicom.dcmread(src / rel, stop_before_pixels=True)
@@ -176,8 +225,10 @@ class DicomPreparer(Preparer):
             uid = str(ds.get("SeriesInstanceUID", "") or "")
             groups[uid or f"folder:{Path(rel).parent.as_posix()}"].append(rel)
         if not groups:
-            raise DataError(f"no DICOM image files under {src}; point --src at a folder of DICOM series "
-                            f"(files named *.dcm, *.ima, or without extension).")
+            raise DataError(
+                f"no DICOM image files under {src}; point --src at a folder of DICOM series "
+                f"(files named *.dcm, *.ima, or without extension)."
+            )
         return Discovery([Source(key, tuple(sorted(files))) for key, files in sorted(groups.items())], skipped)
 
     # -- conversion ---------------------------------------------------------------------------------------------
@@ -187,21 +238,33 @@ class DicomPreparer(Preparer):
             ds = pydicom.dcmread(path, force=True)
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
             if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-                emit.skip(rel, f"{path} is a colour image ({photometric}); fidmed prepares grey images only",
-                          "skipped_files", file_error=True)
+                emit.skip(
+                    rel,
+                    f"{path} is a colour image ({photometric}); fidmed prepares grey images only",
+                    "skipped_files",
+                    file_error=True,
+                )
                 return [], None
             pixels = ds.pixel_array
             values = _modality_lut(pixels, ds)
         except Exception as exc:  # noqa: BLE001 - decoders raise many types on truncated/compressed data
-            emit.skip(rel, f"cannot decode the pixel data of {path} ({type(exc).__name__}: {exc})", "skipped_files",
-                      file_error=True)
+            emit.skip(
+                rel,
+                f"cannot decode the pixel data of {path} ({type(exc).__name__}: {exc})",
+                "skipped_files",
+                file_error=True,
+            )
             return [], None
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames == 1 and values.ndim == 2:
             values = values[None]
         if values.ndim != 3 or not np.isfinite(values).all():
-            emit.skip(rel, f"{path} decoded to an array of shape {values.shape} or holds NaN; expected grey frames",
-                      "skipped_files", file_error=True)
+            emit.skip(
+                rel,
+                f"{path} decoded to an array of shape {values.shape} or holds NaN; expected grey frames",
+                "skipped_files",
+                file_error=True,
+            )
             return [], None
         position = None
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
@@ -216,8 +279,9 @@ class DicomPreparer(Preparer):
         out = []
         for f, frame in enumerate(values):
             key = (position is None, position or 0.0, instance is None, instance or 0, rel, f)
-            out.append(_Slice(key, frame, window, photometric == "MONOCHROME1",
-                              rel if frames == 1 else f"{rel} frame {f}"))
+            out.append(
+                _Slice(key, frame, window, photometric == "MONOCHROME1", rel if frames == 1 else f"{rel} frame {f}")
+            )
         return out, ds
 
     def convert(self, src: Path, source: Source, emit: Emitter) -> None:
@@ -231,8 +295,10 @@ class DicomPreparer(Preparer):
             raise BadSource(f"series {source.key} (first file {src / source.files[0]}): no readable grey image")
         shapes = sorted({s.values.shape for s in slices})
         if len(shapes) > 1:
-            raise BadSource(f"series {source.key} (first file {src / source.files[0]}) mixes slice sizes "
-                            f"{shapes}; split it into separate folders.")
+            raise BadSource(
+                f"series {source.key} (first file {src / source.files[0]}) mixes slice sizes "
+                f"{shapes}; split it into separate folders."
+            )
         slices.sort(key=lambda s: s.sort_key)
         mode, fixed = parse_window(self.window)
         if mode == "volume":
@@ -267,8 +333,11 @@ class DicomPreparer(Preparer):
             else:
                 center_width = fixed if mode == "fixed" else item.window
                 if center_width is None:
-                    emit.skip(item.where, "no WindowCenter/WindowWidth in the file (use another --window)",
-                              "skipped_no_window")
+                    emit.skip(
+                        item.where,
+                        "no WindowCenter/WindowWidth in the file (use another --window)",
+                        "skipped_no_window",
+                    )
                     continue
                 values = apply_window(raw, *center_width)
             if item.inverted:

@@ -19,8 +19,7 @@ from fidmed.features.keras.graph import KerasGraph
 
 
 # ------------------------------------------------------------------------------------------------ InceptionV3
-def _iv3_conv_bn(g: KerasGraph, x: int, filters: int, kh: int, kw: int, stride: int = 1,
-                 padding: str = "same") -> int:
+def _iv3_conv_bn(g: KerasGraph, x: int, filters: int, kh: int, kw: int, stride: int = 1, padding: str = "same") -> int:
     x = g.conv(x, filters, (kh, kw), stride, padding, bias=False)
     return g.relu(g.bn(x, eps=1e-3, scale=False))
 
@@ -124,8 +123,15 @@ def densenet121() -> KerasGraph:
 
 
 # ------------------------------------------------------------------------------------------------ InceptionResNetV2
-def _irv2_conv_bn(g: KerasGraph, x: int, filters: int, kernel: int | tuple[int, int], stride: int = 1,
-                  padding: str = "same", relu: bool = True) -> int:
+def _irv2_conv_bn(
+    g: KerasGraph,
+    x: int,
+    filters: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: str = "same",
+    relu: bool = True,
+) -> int:
     x = g.bn(g.conv(x, filters, kernel, stride, padding, bias=False), eps=1e-3, scale=False)
     return g.relu(x) if relu else x
 

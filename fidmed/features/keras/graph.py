@@ -122,8 +122,15 @@ class KerasGraph(nn.Module):
     def input(self) -> int:
         return 0
 
-    def _add(self, kind: str, inputs: tuple[int, ...], channels: int, module: nn.Module | None = None,
-             keras_name: str | None = None, **params: Any) -> int:
+    def _add(
+        self,
+        kind: str,
+        inputs: tuple[int, ...],
+        channels: int,
+        module: nn.Module | None = None,
+        keras_name: str | None = None,
+        **params: Any,
+    ) -> int:
         for i in inputs:
             if not 0 <= i < len(self.nodes):
                 raise ValueError(f"unknown input node {i}")
@@ -137,8 +144,16 @@ class KerasGraph(nn.Module):
     def channels(self, x: int) -> int:
         return self.nodes[x].channels
 
-    def conv(self, x: int, filters: int, kernel: int | tuple[int, int], stride: int = 1, padding: str = "valid",
-             bias: bool = True, name: str | None = None) -> int:
+    def conv(
+        self,
+        x: int,
+        filters: int,
+        kernel: int | tuple[int, int],
+        stride: int = 1,
+        padding: str = "valid",
+        bias: bool = True,
+        name: str | None = None,
+    ) -> int:
         k = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
         return self._add("conv", (x,), filters, TFConv2d(self.channels(x), filters, k, stride, padding, bias), name)
 
@@ -249,5 +264,8 @@ class KerasGraph(nn.Module):
 
     def weighted_layers_in_keras_order(self) -> list[tuple[int, nn.Module]]:
         """(node id, module) of every layer with weights, in Keras' order."""
-        return [(n, self.layers[self.nodes[n].layer]) for n in self.keras_layer_order()  # type: ignore[index]
-                if self.nodes[n].kind in WEIGHTED_KINDS]
+        return [
+            (n, self.layers[self.nodes[n].layer])
+            for n in self.keras_layer_order()  # type: ignore[index]
+            if self.nodes[n].kind in WEIGHTED_KINDS
+        ]

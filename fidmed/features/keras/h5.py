@@ -143,7 +143,8 @@ def h5_to_state_dict(graph: KerasGraph, path: Path | str, arch_label: str = "the
         shown = problems[:12] + ([f"  ... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise FidmedError(
             f"{path} does not hold weights for {arch_label} (include_top=False); the layers that do not match "
-            "(in Keras' layer order):\n" + "\n".join(shown)
+            "(in Keras' layer order):\n"
+            + "\n".join(shown)
             + "\nUse the .h5 file made for this architecture (a '_notop' file, without the classifier)."
         )
     for name, t in state.items():
