@@ -17,6 +17,8 @@ from fidmed.data.folder import ImageFolderDataset
 from fidmed.data.phantom import PhantomDataset
 from fidmed.errors import ConfigError, DataError
 
+from helpers.training import cpu_trainer
+
 
 def _grey(seed: int, size: int = 16) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(size, size), dtype=np.uint8)
@@ -343,15 +345,7 @@ def test_datamodule_runs_under_lightning_with_max_steps() -> None:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     model = Recorder()
-    trainer = lightning.Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(5)
     module = ImageDataModule({"name": "p", "kind": "phantom", "resolution": 8, "num_images": 3}, batch_size=2)
     trainer.fit(model, datamodule=module)
     assert model.shapes == [((2, 1, 8, 8), torch.uint8)] * 5  # 5 steps from 3 images: the loader never ends

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from helpers.training import cpu_trainer
 
 TESTS = Path(__file__).resolve().parent
 
@@ -355,15 +356,7 @@ def _batches_of_training(datamodule, steps: int) -> list[torch.Tensor]:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     model = Recorder()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(steps)
     trainer.fit(model, datamodule=datamodule)
     return model.batches
 

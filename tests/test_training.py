@@ -16,6 +16,8 @@ from omegaconf import OmegaConf, open_dict
 from fidmed.errors import ConfigError, FidmedError
 from fidmed.gan.module import StyleGAN2Module, training_phases
 
+from helpers.training import cpu_trainer
+
 SMOKE = ["experiment=smoke", "logger=none"]
 
 TINY = dict(
@@ -70,16 +72,7 @@ def fit_one_step(module: StyleGAN2Module, batch: torch.Tensor, callbacks=()) -> 
     """One training iteration under a real Trainer (``max_steps=1`` ends fit() after the first iteration, whose
     optimiser steps are G main, G reg, D main and D reg)."""
     loader = torch.utils.data.DataLoader(list(batch), batch_size=len(batch))
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+    trainer = cpu_trainer(1, callbacks=list(callbacks))
     trainer.fit(module, loader)
     return trainer
 
