@@ -180,6 +180,9 @@ class StyleGAN2:
     pl_decay: float = 0.01
     g_reg_interval: int = 4
     d_reg_interval: int = 16
+    #: torch.compile G and D for the passes differentiated once (G main, D main); the R1 and path-length passes stay
+    #: eager. Equal to eager within float32 rounding, not bitwise: true enters the training fingerprint
+    compile: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -248,6 +251,42 @@ class NoLogger(Logger):
 
 # ------------------------------------------------------------------------------------------------ eval
 @dataclass
+class Uncertainty:
+    """``eval.uncertainty``: bootstrap standard errors and confidence intervals of every number, from the features
+    the pass already holds (docs/metrics.md#uncertainty). Validated by :func:`fidmed.metrics.uncertainty.plan_from`.
+    """
+
+    #: replicates per number (0 = off; 200 gives P(order) in steps of 0.005 and the 2.5% tails 5 replicates each)
+    replicates: int = 0
+    level: float = 0.95  # confidence level of the intervals
+    seed: int = 0  # seeds every replicate's draw (the same real resample for every generator of a modality)
+    #: images per resampling unit: contiguous runs of the sets' index order resampled together (e.g. the slices of
+    #: one volume in a prepared folder); 1 = images are independent
+    block_size: int = 1
+    #: both: resample generated and real images; generated: the real set stays fixed (its spread is not covered)
+    resample: str = "both"
+    #: write every replicate value to results.json (fidmed analyze needs them for rank confidence)
+    keep_replicates: bool = True
+
+
+@dataclass
+class Audit:
+    """``eval.audit``: the memorisation audit (docs/metrics.md#memorisation-audit): each generated image's nearest
+    training image per extractor and in pixel space, authenticity, copies, C_T with a held-out split."""
+
+    enabled: bool = False
+    #: folder of held-out real images of the modality (never trained on), for the data-copying test C_T
+    heldout: str | None = None
+    #: a generated image is flagged as a copy when its nearest-training distance is below this share of that
+    #: training image's own nearest-neighbour distance
+    threshold: float = 0.5
+    pixel_size: int = 32  # pixel-space audit on images area-averaged to this size (0 = no pixel-space audit)
+    cells: int = 3  # k-means cells of the training set for C_T (dgm-eval's choice)
+    min_cell: int = 20  # C_T uses the cells holding more than this many generated images (Meehan et al.: 20)
+    pairs: int = 16  # closest pairs shown in the image grid
+
+
+@dataclass
 class EvalBase:
     """Evaluation of the final generator (and of snapshots during training, schedule.eval_kimg)."""
 
@@ -266,8 +305,16 @@ class EvalBase:
     device: str = "auto"  # auto | cpu | cuda[:i]
     #: threads reading/preprocessing the next batches during the forward passes ("auto": CPUs, max 16; 0: none)
     num_workers: Any = "auto"
+    #: opt-in speed setting: channels_last memory format for the extractors that declare it (fp32 features within
+    #: float32 rounding of contiguous, fidmed.features.base.CHANNELS_LAST_RTOL, but not bit-identical for the CNNs);
+    #: false (default): every tensor contiguous, the layout of the reference implementations, bit for bit
+    channels_last: bool = False
+    #: torch.compile each extractor's forward (features within fidmed.features.base.COMPILE_RTOL of eager)
+    compile: bool = False
     weights: WeightsMode = WeightsMode.pretrained
     allow_download: bool = True  # fetch missing extractor weights when online
+    uncertainty: Uncertainty = field(default_factory=Uncertainty)
+    audit: Audit = field(default_factory=Audit)
 
 
 def eval_schema() -> type:

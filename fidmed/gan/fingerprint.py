@@ -4,8 +4,12 @@ A training run is identified by its fingerprint: the modality's data settings (a
 ``fidmed prepare`` by the sha256 of its ``manifest.json``, any other folder by its path), the effective
 augmentation (registry name and options, after the modality's overrides), the model, the training length, the
 seed, and the Lightning arguments that change the weights (accelerator, devices, precision, strategy, nodes).
-Loading settings, logging, checkpoint and evaluation intervals and every evaluation setting stay out, so jobs that
-differ only in those share one generator under ``<paths.train_root>/<modality>-<augmentation>-<fingerprint[:12]>/``.
+Loading settings, logging, checkpoint and evaluation intervals, ``trainer.benchmark`` and every evaluation setting
+stay out, so jobs that differ only in those share one generator under
+``<paths.train_root>/<modality>-<augmentation>-<fingerprint[:12]>/``. ``model.compile=true`` enters it (compiled
+kernels round differently, so the weights differ from eager ones in their last bits and a generator must not be
+resumed across the two); ``model.compile=false``, the default, adds nothing, so the eager fingerprints of
+configurations from before the option existed are unchanged.
 
 The fingerprint names folders of trained generators: a change here retrains every generator. The values of
 existing configurations are pinned by tests/test_training.py.
@@ -31,6 +35,8 @@ _WEIGHT_TRAINER_KEYS = ("accelerator", "devices", "precision", "strategy", "num_
 _TRAINER_DEFAULTS = {"strategy": "auto", "num_nodes": 1}
 #: Modality settings that do not change the trained weights.
 _NON_WEIGHT_MODALITY_KEYS = {"study_kimg", "path_hint", "cache", "cache_dir", "num_workers"}
+#: Model settings recorded only when not at their default (value): fingerprints from before they existed stay valid.
+_MODEL_KEYS_IF_SET = {"compile": False}
 
 
 def _plain(node: Any) -> Any:
@@ -85,7 +91,9 @@ def fingerprint_record(cfg: Any) -> dict[str, Any]:
         "version": FINGERPRINT_VERSION,
         "modality": modality,
         "augmentation": _plain(effective_augmentation(cfg)),
-        "model": _plain(cfg.model),
+        "model": {
+            k: v for k, v in _plain(cfg.model).items() if k not in _MODEL_KEYS_IF_SET or v != _MODEL_KEYS_IF_SET[k]
+        },
         "trainer": trainer,
         "seed": int(cfg.seed),
     }

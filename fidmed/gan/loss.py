@@ -20,6 +20,15 @@ Phases (the training loop picks them; "lazy regularisation" runs the 'reg' phase
 Every image D sees passes through ``augment_pipe`` first. R1 differentiates D's output with respect to the
 real image *before* augmentation, through the augmentation (create_graph=True, a double backward), which is
 what the reference does and what makes R1 correct under ADA.
+
+Compiled path (``compile=True``, the config's ``model.compile``): G's mapping and synthesis networks and D are
+also wrapped by ``torch.compile`` (:func:`compile_networks`), sharing their parameters and buffers with the eager
+modules. AOTAutograd, which compiled modules train through, cannot differentiate twice, so the compiled modules
+run every forward pass whose graph is differentiated once: G main, D main's generated images and, when R1 is not
+computed in the same pass, D main's real images. The path-length and R1 passes (``create_graph=True``) run the
+same modules eagerly. Inductor keeps the eager random number generator (``fallback_random``), so the noise
+inputs are the same draws as in eager mode; the fused kernels round differently, so compiled and eager results
+agree to float32 rounding, not bit for bit (tests/test_compile.py states the tolerances).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +68,34 @@ def _head(c: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if c is None else c[:n]
 
 
+class CompiledNetworks(NamedTuple):
+    """``torch.compile`` wrappers of G's mapping and synthesis networks and of D (sharing their parameters)."""
+
+    mapping: Callable[..., torch.Tensor]
+    synthesis: Callable[..., torch.Tensor]
+    D: Callable[..., torch.Tensor]
+
+
+#: Inductor options of the compiled path: draw random numbers (the synthesis layers' noise inputs) with the eager
+#: generator, so that compiled and eager training consume the same random stream and draw the same noise.
+INDUCTOR_OPTIONS = {"fallback_random": True}
+
+
+def compile_networks(G: Generator, D: Discriminator, backend: str = "inductor") -> CompiledNetworks:
+    """Compiled twins of ``G.mapping``, ``G.synthesis`` and ``D`` (compilation happens at their first call).
+
+    G is compiled as its two networks because style mixing, between them, indexes with a random tensor. Shapes
+    are specialised (``dynamic=False``): training calls them with one chunk size. ``backend`` is torch.compile's
+    (``inductor`` generates fused kernels; tests also use ``aot_eager``, which only traces).
+    """
+    options = dict(INDUCTOR_OPTIONS) if backend == "inductor" else None
+
+    def compiled(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        return torch.compile(module, backend=backend, dynamic=False, options=options)
+
+    return CompiledNetworks(compiled(G.mapping), compiled(G.synthesis), compiled(D))
+
+
 class StyleGAN2Loss(torch.nn.Module):
     """StyleGAN2 losses for a ``Generator`` G and ``Discriminator`` D.
 
@@ -68,7 +106,8 @@ class StyleGAN2Loss(torch.nn.Module):
     ``augment_pipe`` is any differentiable callable on image batches (or None). The network being trained must
     have ``requires_grad=True`` parameters; the other one is frozen for the duration of each call. ``backward``
     runs each backward pass of a scalar loss (None: ``loss.backward()``; a LightningModule passes its
-    ``manual_backward``).
+    ``manual_backward``). ``compile`` selects the compiled path (see the module docstring): True compiles with
+    inductor, a string names another ``torch.compile`` backend.
     """
 
     def __init__(
@@ -82,9 +121,14 @@ class StyleGAN2Loss(torch.nn.Module):
         pl_decay: float = 0.01,
         pl_weight: float = 2.0,
         backward: Callable[[torch.Tensor], None] | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self._refs = (G, D, augment_pipe)  # a tuple: nn.Module does not register what is inside it
+        # A NamedTuple too: the compiled wrappers stay out of the state dict (they hold G's and D's own parameters).
+        self._compiled = None
+        if compile:
+            self._compiled = compile_networks(G, D) if compile is True else compile_networks(G, D, str(compile))
         self._backward = backward
         self.style_mixing_prob = style_mixing_prob
         self.r1_gamma = r1_gamma
@@ -105,6 +149,11 @@ class StyleGAN2Loss(torch.nn.Module):
     def augment_pipe(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self._refs[2]
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the passes that are differentiated once run compiled (see the module docstring)."""
+        return self._compiled is not None
+
     def backward(self, loss: torch.Tensor) -> None:
         """One backward pass of the scalar ``loss``, accumulating into the trained network's ``.grad``."""
         if self._backward is None:
@@ -114,26 +163,35 @@ class StyleGAN2Loss(torch.nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
 
-    def run_G(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_G(
+        self, z: torch.Tensor, c: torch.Tensor | None, compiled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate images with style mixing; return (images, ws).
 
         With probability ``style_mixing_prob`` the ws from a uniformly drawn index in [1, num_ws) on come from a
         second, independent z (without updating ``w_avg``). The random draws happen in the reference's order.
+        ``compiled``: run the compiled networks, when the loss has them (only for graphs differentiated once).
         """
-        ws = self.G.mapping(z, c)
+        mapping, synthesis = (
+            (self._compiled.mapping, self._compiled.synthesis)
+            if compiled and self._compiled is not None
+            else (self.G.mapping, self.G.synthesis)
+        )
+        ws = mapping(z, c)
         if self.style_mixing_prob > 0:
             num_ws = ws.shape[1]
             cutoff = torch.empty([], dtype=torch.int64, device=ws.device).random_(1, num_ws)
             mix = torch.rand([], device=ws.device) < self.style_mixing_prob
             cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, num_ws))
-            ws[:, cutoff:] = self.G.mapping(torch.randn_like(z), c, skip_w_avg_update=True)[:, cutoff:]
-        return self.G.synthesis(ws), ws
+            ws[:, cutoff:] = mapping(torch.randn_like(z), c, skip_w_avg_update=True)[:, cutoff:]
+        return synthesis(ws), ws
 
-    def run_D(self, img: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """D's logits for (augmented) images."""
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, compiled: bool = False) -> torch.Tensor:
+        """D's logits for (augmented) images; ``compiled`` as in :meth:`run_G`."""
         if self.augment_pipe is not None:
             img = self.augment_pipe(img)
-        return self.D(img, c)
+        D = self._compiled.D if compiled and self._compiled is not None else self.D
+        return D(img, c)
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -175,8 +233,8 @@ class StyleGAN2Loss(torch.nn.Module):
         self, gen_z: torch.Tensor, gen_c: torch.Tensor | None, gain: float, stats: dict[str, torch.Tensor]
     ) -> None:
         """Gmain: make D call the generated images real."""
-        gen_img, _ = self.run_G(gen_z, gen_c)
-        gen_logits = self.run_D(gen_img, gen_c)
+        gen_img, _ = self.run_G(gen_z, gen_c, compiled=True)
+        gen_logits = self.run_D(gen_img, gen_c, compiled=True)
         loss = F.softplus(-gen_logits)  # -log(sigmoid(logits))
         self.backward(loss.mean().mul(gain))
         stats["Loss/scores/fake"] = gen_logits.detach().mean()
@@ -219,8 +277,8 @@ class StyleGAN2Loss(torch.nn.Module):
         """Dmain and/or Dreg: call generated images fake and real images real; penalise D's gradient on reals."""
         loss_Dgen = None
         if do_Dmain:
-            gen_img, _ = self.run_G(gen_z, gen_c)
-            gen_logits = self.run_D(gen_img, gen_c)
+            gen_img, _ = self.run_G(gen_z, gen_c, compiled=True)
+            gen_logits = self.run_D(gen_img, gen_c, compiled=True)
             loss_Dgen = F.softplus(gen_logits)  # -log(1 - sigmoid(logits))
             self.backward(loss_Dgen.mean().mul(gain))
             stats["Loss/scores/fake"] = gen_logits.detach().mean()
@@ -228,7 +286,7 @@ class StyleGAN2Loss(torch.nn.Module):
 
         # R1 differentiates with respect to the real images as they enter, before augmentation.
         real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
-        real_logits = self.run_D(real_img_tmp, real_c)
+        real_logits = self.run_D(real_img_tmp, real_c, compiled=not do_Dr1)  # R1 differentiates this pass twice
         stats["Loss/scores/real"] = real_logits.detach().mean()
         stats["Loss/signs/real"] = real_logits.detach().sign().mean()
         stats["real_logits"] = real_logits.detach()

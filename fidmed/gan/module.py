@@ -5,12 +5,16 @@ One ``training_step`` is one iteration of stylegan2-ada-pytorch's training loop:
 1. the real minibatch (uint8 from the datamodule) becomes ``x = uint8 / 127.5 - 1``;
 2. the phases G main, G reg (every ``g_reg_interval`` steps), D main, D reg (every ``d_reg_interval``) each
    zero their optimiser, accumulate gradients over chunks of ``batch_chunk`` images with ``gain = interval``,
-   replace NaN/Inf gradients (as the reference does) and step;
+   replace NaN/Inf gradients (as the reference does) and step (:meth:`StyleGAN2Module.run_phase`);
 3. the generator EMA is updated with ``beta = 0.5 ** (batch / (ema_kimg * 1000))``;
 4. the augmentation sees D's real logits and adjusts its probability (ADA/APA) after the minibatch.
 
 Lazy regularisation scales each optimiser as the reference does: ``lr * r`` and ``betas ** r`` with
 ``r = interval / (interval + 1)``.
+
+``model.compile=true`` runs G main and D main through ``torch.compile`` twins of G and D (sharing their
+parameters) and the R1 and path-length phases eagerly, which AOTAutograd cannot differentiate twice (see
+:mod:`fidmed.gan.loss`).
 
 Each phase draws its own latents, as the reference does. Gradients of a phase are averaged over its chunks
 (the reference sums chunk means on one GPU and averages across GPUs; Adam is invariant to the constant factor,
@@ -158,7 +162,8 @@ class StyleGAN2Module(L.LightningModule):
             pl_batch_shrink=int(model_cfg.pl_batch_shrink),
             pl_decay=float(model_cfg.pl_decay),
             pl_weight=float(model_cfg.pl_weight),
-            backward=self.manual_backward,
+            backward=self._backward,
+            compile=bool(model_cfg.get("compile", False)),  # hyperparameters of older checkpoints lack it
         )
         self.phases = training_phases(model_cfg.g_reg_interval, model_cfg.d_reg_interval)
         self.batch_size = int(model_cfg.batch_size)
@@ -202,11 +207,8 @@ class StyleGAN2Module(L.LightningModule):
     def _training_step(self, batch: torch.Tensor) -> None:
         opt_g, opt_d = self.optimizers()
         optimizers = {"G": opt_g, "D": opt_d}
-        modules = {"G": self.G, "D": self.D}
         real = batch.to(torch.float32) / 127.5 - 1
         batch_size = real.shape[0]
-        real_chunks = real.split(self.batch_chunk)
-        c = torch.zeros([batch_size, 0], device=real.device)
         iteration = int(self.iteration)
         logs: dict[str, float] = {}
 
@@ -214,25 +216,7 @@ class StyleGAN2Module(L.LightningModule):
             if iteration % phase.interval != 0:
                 continue
             gen_z = torch.randn([batch_size, self.G.z_dim], device=real.device)
-            opt = optimizers[phase.module]
-            opt.zero_grad(set_to_none=True)
-            modules[phase.module].requires_grad_(True)
-            chunks = list(zip(real_chunks, gen_z.split(self.batch_chunk), c.split(self.batch_chunk)))
-            for real_img, z, cc in chunks:
-                if phase.module == "D":
-                    real_img = self.augment.replace_reals(real_img, self._make_fakes)
-                out = self.loss.accumulate_gradients(
-                    phase=phase.name, real_img=real_img, real_c=cc, gen_z=z, gen_c=cc, gain=phase.interval / len(chunks)
-                )
-                if "real_logits" in out:
-                    self.augment.observe_real_logits(out.pop("real_logits"))
-                for key, value in out.items():
-                    logs[key] = float(value)
-            modules[phase.module].requires_grad_(False)
-            for param in modules[phase.module].parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
-            opt.step()
+            logs.update(self.run_phase(phase, optimizers[phase.module], real, gen_z))
 
         # Under DDP each rank holds batch/world images; EMA and kimg count the whole minibatch, as the
         # reference does.
@@ -248,6 +232,43 @@ class StyleGAN2Module(L.LightningModule):
             self.log_dict(logs, on_step=True, prog_bar=False, logger=bool(self.trainer.loggers), batch_size=batch_size)
         if int(self.images_seen) >= self.total_images:
             self.trainer.should_stop = True
+
+    def run_phase(
+        self, phase: Phase, optimizer: torch.optim.Optimizer, real: torch.Tensor, gen_z: torch.Tensor
+    ) -> dict[str, float]:
+        """One phase of an iteration on this rank's images ``real`` (in [-1, 1]) with the latents ``gen_z``: zero the
+        optimiser, accumulate the gradients of every chunk of ``batch_chunk`` images, replace NaN/Inf gradients and
+        step; returns the loss statistics. ``optimizer`` is the phase's network's (:meth:`configure_optimizers`)."""
+        network = self.G if phase.module == "G" else self.D
+        c = torch.zeros([real.shape[0], 0], device=real.device)
+        chunks = list(zip(real.split(self.batch_chunk), gen_z.split(self.batch_chunk), c.split(self.batch_chunk)))
+        logs: dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        network.requires_grad_(True)
+        for real_img, z, cc in chunks:
+            if phase.module == "D":
+                real_img = self.augment.replace_reals(real_img, self._make_fakes)
+            out = self.loss.accumulate_gradients(
+                phase=phase.name, real_img=real_img, real_c=cc, gen_z=z, gen_c=cc, gain=phase.interval / len(chunks)
+            )
+            if "real_logits" in out:
+                self.augment.observe_real_logits(out.pop("real_logits"))
+            for key, value in out.items():
+                logs[key] = float(value)
+        network.requires_grad_(False)
+        for param in network.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        return logs
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """The loss's backward passes: Lightning's ``manual_backward`` in training; ``Tensor.backward`` for a module
+        that no trainer runs (benchmarks/train.py times :meth:`run_phase` alone)."""
+        if self._trainer is None and getattr(self, "_fabric", None) is None:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
 
     @torch.no_grad()
     def _make_fakes(self, n: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ that was never interrupted (bitwise on the same machine and software with the sa
 The order of writes that makes this hold is the callbacks' (:mod:`fidmed.gan.callbacks`).
 
 Before anything is created, :func:`check_training` refuses what would fail later with a library's traceback: a
-GPU trainer without a visible GPU, a training folder that cannot be written.
+GPU trainer without a visible GPU, ``model.compile=true`` without what torch.compile needs (a C++ compiler on the
+CPU, Triton on CUDA), a training folder that cannot be written.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -116,14 +119,58 @@ def check_train_dir_writable(train_dir: Path) -> None:
     )
 
 
+def check_compile(model_cfg: Any, trainer_cfg: Any) -> None:
+    """``model.compile=true`` needs what torch.compile's inductor generates kernels with: a C++ compiler for the CPU,
+    Triton for CUDA (else the first training step fails deep inside torch with a long traceback)."""
+    if not bool(model_cfg.get("compile", False)):
+        return
+    import torch._dynamo
+
+    off = "or train without it (model.compile=false: the same training at eager speed)"
+    if not torch._dynamo.is_dynamo_supported():
+        raise FidmedError(
+            f"model.compile=true: torch.compile is not supported with this Python/torch ({sys.version.split()[0]}, "
+            f"torch {torch.__version__}); use a Python version your torch supports for torch.compile, {off}."
+        )
+    accelerator = str(trainer_cfg.get("accelerator", "cpu")).lower()
+    if accelerator in _GPU_ACCELERATORS:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise FidmedError(
+                f"model.compile=true on CUDA needs Triton, which is not installed; pip install triton (the version "
+                f"your torch {torch.__version__} pins), {off}."
+            )
+        return
+    if not _find_cxx():
+        raise FidmedError(
+            "model.compile=true on the CPU needs a C++ compiler for torch.compile's generated kernels and none was "
+            f"found (g++, or $CXX); install one (Debian/Ubuntu: apt-get install g++), {off}."
+        )
+
+
+def _find_cxx() -> str | None:
+    """The C++ compiler inductor would use, or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private: its location varies between versions
+    except ImportError:
+        name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        return shutil.which(name)
+    try:
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 -- torch raises its own InvalidCxxCompiler (and others by version)
+        return None
+
+
 def check_training(cfg: Any) -> Path | None:
-    """What training ``cfg`` needs before any work starts: a visible GPU for a GPU trainer and a writable training
-    folder. Returns the finished generator (``final.pt``) when there is one to reuse (nothing to check then, and
-    nothing is written), else None."""
+    """What training ``cfg`` needs before any work starts: a visible GPU for a GPU trainer, what ``model.compile``
+    needs, and a writable training folder. Returns the finished generator (``final.pt``) when there is one to reuse
+    (nothing to check then, and nothing is written), else None."""
     final = train_dir_for(cfg) / "final.pt"
     if final.is_file():
         return final
     check_trainer_hardware(cfg.trainer)
+    check_compile(cfg.model, cfg.trainer)
     check_train_dir_writable(final.parent)
     return None
 
