@@ -1,7 +1,7 @@
 """Evaluation-engine measurements (issue 5). Usage:
 
     python benchmarks/evaluate.py [--only a b c d e] [--extractor A B ...] [--num N] [--device cpu|cuda]
-                                  [--real DIR --gen DIR] [--parity-num 2000] [--mem-num 50000]
+                                  [--real DIR --gen DIR] [--parity-num 2000] [--mem-num 50000] [--out FILE.md]
 
 (a) FD deviation of bf16 forward passes from fp32, per extractor (pretrained weights where present in the
     weights folder; otherwise random-init, printed as RANDOM-INIT: a plumbing number, NOT a precision claim).
@@ -21,15 +21,20 @@
     the forward passes alone on already preprocessed inputs), with the input pipeline threaded (default) and
     in the main thread (--workers 0 equivalent).
 (e) peak memory of a whole evaluation (``--mem-num`` generated images from a random-init study-size StyleGAN2,
-    256 px grey; ``--mem-real`` phantom real images) with metrics fd rfd and with fd rfd prdc, each in its own
-    process: peak resident host memory (ru_maxrss) and, on CUDA, torch's peak allocated device memory.
+    ``--mem-resolution`` px grey; ``--mem-real`` phantom real images) with metrics fd rfd and with fd rfd prdc
+    (``--mem-metrics``), each in its own process: peak resident host memory (ru_maxrss) and, on CUDA, torch's
+    peak allocated device memory.
 Without folders (--real/--gen omitted), (a), (b) and (d) use 256x256 phantoms (real: seed 0; "generated":
-seed 1, blurred) written to a temporary folder.
+seed 1, blurred) written to a temporary folder. Extractors run as the evaluator runs them by default (contiguous,
+fp32; fidmed.features.base.set_forward_path), with pretrained weights where the weights folder has
+them and random-init (labelled) otherwise; ``--input-size`` overrides the input size of those that take another
+(quick checks only: not the study's protocol). ``--out`` writes everything printed to a Markdown file too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,16 +83,24 @@ def phantom_folder(path: Path, n: int, seed: int, size: int = 256, blur: float =
     return path
 
 
-def _extractors(names, weights_dir):
+def _extractors(names, weights_dir, input_size=None):
+    """Each extractor with its pretrained weights where the weights folder has them, else random-init (labelled)."""
     from fidmed.errors import FidmedError
-    from fidmed.evaluation.cli import build_cli_extractors
+    from fidmed.features.registry import build_extractor
 
     out = []
     for name in names:
+        cfg = {"name": name}
+        if input_size:
+            try:  # where the network takes it; fixed-size transformers keep theirs
+                build_extractor({**cfg, "input_size": input_size, "weights_source": "random"}, allow_random=True)
+                cfg["input_size"] = input_size
+            except FidmedError:
+                pass
         try:
-            out += build_cli_extractors([name], "pretrained", weights_dir)
+            out.append(build_extractor(cfg, weights_dir=weights_dir))
         except FidmedError:
-            out += build_cli_extractors([name], "random", weights_dir)
+            out.append(build_extractor({**cfg, "weights_source": "random"}, allow_random=True))
     return out
 
 
@@ -114,8 +127,11 @@ def _sync(device):
 
 
 def time_parts(extractors, source, device, batch_size):
-    """Seconds of (input pipeline for the given preprocessings, in the main thread) and of each forward pass."""
+    """Seconds of (input pipeline for the given preprocessings, in the main thread) and of each forward pass (on
+    the evaluator's default forward path: contiguous, fp32 with TF32 off)."""
+    from fidmed.evaluation.evaluator import forward_precision
     from fidmed.evaluation.pipeline import prepared_batches
+    from fidmed.features.base import set_forward_path
 
     specs = list(dict.fromkeys(ex.preprocessing for ex in extractors))
     t = time.perf_counter()
@@ -131,12 +147,13 @@ def time_parts(extractors, source, device, batch_size):
     t_fwd = {}
     for ex in extractors:
         ex.to(device).eval()
-        with torch.no_grad():
-            ex(batches[0].inputs[ex.preprocessing][:2])  # warm-up (lazy init, cuDNN autotune)
+        path = set_forward_path(ex)
+        with torch.no_grad(), forward_precision("fp32", device):
+            path(path.prepare(batches[0].inputs[ex.preprocessing]))  # warm-up (lazy init, cuDNN autotune)
             _sync(device)
             t = time.perf_counter()
             for b in batches:
-                ex(b.inputs[ex.preprocessing])
+                path(path.prepare(b.inputs[ex.preprocessing]))
             _sync(device)
         t_fwd[ex.name] = time.perf_counter() - t
     return t_in, t_in_spec, t_fwd
@@ -297,12 +314,14 @@ def memory_run(args) -> None:
     device = torch.device(args.device)
     from omegaconf import OmegaConf
 
+    from fidmed.config import StyleGAN2
     from fidmed.gan.module import network_kwargs
 
-    model = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "stylegan2.yaml")
-    G = build_networks(**network_kwargs(model, 256, 1))[0].eval().to(device)
-    real = DatasetSource(PhantomDataset(args.mem_real, 256, seed=0, num_workers=os.cpu_count() or 1))
-    exs = _extractors(args.extractor, args.weights_dir)
+    model = OmegaConf.structured(StyleGAN2)  # model=stylegan2: the study's networks
+    res = args.mem_resolution
+    G = build_networks(**network_kwargs(model, res, 1))[0].eval().to(device)
+    real = DatasetSource(PhantomDataset(args.mem_real, res, seed=0, num_workers=os.cpu_count() or 1))
+    exs = _extractors(args.extractor, args.weights_dir, args.input_size)
     ev = Evaluator(exs, real, device=device, batch_size=args.batch_size, metrics=args.memory_run.split(","))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -322,10 +341,11 @@ def section_e(args) -> None:
     import json
 
     print(
-        f"\n## (e) peak memory: {args.mem_num} generated (random-init StyleGAN2, 256 px) vs {args.mem_real} "
+        f"\n## (e) peak memory: {args.mem_num} generated (random-init StyleGAN2, {args.mem_resolution} px) vs "
+        f"{args.mem_real} "
         f"real phantoms, extractors {' '.join(args.extractor)}, device {args.device}, batch {args.batch_size}"
     )
-    for metrics in ("fd,rfd", "fd,rfd,prdc"):
+    for metrics in args.mem_metrics:
         cmd = [
             sys.executable,
             __file__,
@@ -339,9 +359,13 @@ def section_e(args) -> None:
             args.device,
             "--batch-size",
             str(args.batch_size),
+            "--mem-resolution",
+            str(args.mem_resolution),
             "--extractor",
             *args.extractor,
-        ] + (["--weights-dir", args.weights_dir] if args.weights_dir else [])
+        ]
+        cmd += ["--weights-dir", args.weights_dir] if args.weights_dir else []
+        cmd += ["--input-size", str(args.input_size)] if args.input_size else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY ")]
         if out.returncode != 0 or not lines:
@@ -366,11 +390,46 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="folder for generated images and weights (default: temporary)")
     ap.add_argument("--mem-num", type=int, default=50000, help="(e): generated images")
     ap.add_argument("--mem-real", type=int, default=10000, help="(e): real images")
+    ap.add_argument("--mem-resolution", type=int, default=256, help="(e): generator resolution")
+    ap.add_argument(
+        "--mem-metrics", nargs="+", default=["fd,rfd", "fd,rfd,prdc"], help="(e): metric sets, one process each"
+    )
+    ap.add_argument("--input-size", type=int, default=None, help="override the extractors' input size (checks)")
+    ap.add_argument("--out", type=Path, default=None, help="also write everything printed to this Markdown file")
     ap.add_argument("--memory-run", default=None, help=argparse.SUPPRESS)  # (e)'s child process
     ap.add_argument("--only", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d", "e"])
     args = ap.parse_args()
     if args.memory_run:
         return memory_run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as out, contextlib.redirect_stdout(_Tee(sys.stdout, out)):
+            print(f"<!-- python benchmarks/evaluate.py {' '.join(sys.argv[1:])} -->\n```text")
+            try:
+                run_sections(args)
+            finally:
+                print("```")
+        return None
+    return run_sections(args)
+
+
+class _Tee:
+    """Write to several streams (the console and the --out file)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
+def run_sections(args) -> None:
     from benchmarks.machine import cpu_name
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fidmed-bench-"))
@@ -384,7 +443,7 @@ def main() -> None:
         real_dir = Path(args.real) if args.real else phantom_folder(work / f"real{args.num}", args.num, 0)
         gen_dir = Path(args.gen) if args.gen else phantom_folder(work / f"gen{args.num}", args.num, 1, blur=1.0)
         real, gen = _source(real_dir, args.num), _source(gen_dir, args.num)
-        exs = _extractors(args.extractor, args.weights_dir)
+        exs = _extractors(args.extractor, args.weights_dir, args.input_size)
         print(f"# N = {args.num} real / {args.num} gen, {real.dataset.resolution} px; real={real_dir} gen={gen_dir}")
         for ex in exs:
             print(f"#   {ex.name}: {ex.preprocessing.key}, weights {ex.weights_label}")

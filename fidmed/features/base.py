@@ -45,7 +45,15 @@ class Extractor(nn.Module):
 
     Each extractor normalises its input inside ``forward``. It is always in eval mode: ``train()`` is a no-op,
     so a LightningModule holding it cannot switch its BatchNorm layers to batch statistics.
+
+    ``channels_last``: whether evaluation may run the network in the channels_last memory format (weights and
+    input) when the user opts in with ``eval.channels_last=true`` (see :func:`set_forward_path`). A subclass
+    sets it where measured not to change fp32 features beyond float32 rounding (:data:`CHANNELS_LAST_RTOL`;
+    benchmarks/results/extractors.md, tests/test_eval_speed.py); an unmeasured network (a plugin's) stays
+    contiguous. A network built by ``build_extractor`` is contiguous until an evaluator sets its forward path.
     """
+
+    channels_last: bool = False
 
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
         super().__init__()
@@ -117,6 +125,93 @@ class NormalisedExtractor(Extractor):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.features(self.normalise(x))
+
+
+# ------------------------------------------------------------------------------------------------ forward path
+#: channels_last vs contiguous fp32 features of the same network and input: max |difference| / max |feature| at
+#: most this. Float32 rounding of the same computation: the contiguous features themselves differ from a float64
+#: run of the same network by 1e-7 to 1e-6 of that scale, and so do the channels_last ones (measured for every
+#: registered extractor, benchmarks/results/extractors.md); the vision transformers are bit-identical.
+CHANNELS_LAST_RTOL = 1e-5
+#: torch.compile'd vs eager fp32 features, same measure (inductor fuses and reorders float32 operations).
+COMPILE_RTOL = 1e-4
+
+
+class ForwardPath:
+    """How evaluation runs one extractor: the memory format of its weights and input, eager or ``torch.compile``.
+
+    ``path.prepare(x)`` is the input in the path's memory format (the evaluator converts each shared
+    preprocessed batch once per format); ``path(x)`` runs the extractor on it. The compiled forward is made on
+    the first call (``torch.compile(extractor, dynamic=False)``: one graph per batch shape, reused afterwards).
+    None of this changes what is computed, only the order of float32 operations (:data:`CHANNELS_LAST_RTOL`,
+    :data:`COMPILE_RTOL`).
+    """
+
+    def __init__(
+        self, module: Any, channels_last: bool = False, compiled: bool = False, compiled_fn: Any = None
+    ) -> None:
+        self.module = module
+        self.channels_last = bool(channels_last)
+        self.compiled = bool(compiled)
+        #: ``torch.compile(module)``, made on the first call; pass an earlier path's to reuse its graphs
+        self.compiled_fn: Any = compiled_fn if compiled else None
+
+    @property
+    def key(self) -> str:
+        """``channels_last`` or ``contiguous``, ``+compiled`` when compiled (for logs and benchmarks)."""
+        return ("channels_last" if self.channels_last else "contiguous") + ("+compiled" if self.compiled else "")
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.module(x)
+        if self.compiled_fn is None:
+            self.compiled_fn = torch.compile(self.module, dynamic=False)
+        try:
+            return self.compiled_fn(x)
+        except FidmedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure is the user's to fix, in one line
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(e, TorchDynamoException):
+                raise
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            name = getattr(self.module, "name", type(self.module).__name__)
+            raise FidmedError(
+                f"eval.compile=true: torch.compile could not compile extractor {name} ({cause}); inductor needs a "
+                "C++ compiler (gcc) on the CPU and triton on a GPU. Install it, or evaluate without compiling: "
+                "eval.compile=false (fidmed evaluate: leave out --compile)."
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"ForwardPath({self.key})"
+
+
+def set_forward_path(module: Any, channels_last: bool = False, compile: bool = False) -> ForwardPath:
+    """Prepare ``module`` (an extractor, already on its device) for evaluation and return its forward path.
+
+    ``channels_last``: use the channels_last memory format where the extractor declares it safe
+    (``Extractor.channels_last``; anything else, e.g. a module without the attribute, stays contiguous): the
+    weights are converted here, the input by ``path.prepare``. ``False`` makes every extractor contiguous, the
+    layout of the reference implementations (``eval.channels_last=false``). ``compile``: run the extractor through
+    ``torch.compile`` (``eval.compile=true``). Like the device, the path is a property of the module: the last
+    evaluator made with it sets it.
+    """
+    use_cl = bool(channels_last) and bool(getattr(module, "channels_last", False))
+    if isinstance(module, nn.Module):
+        module.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    path = ForwardPath(module, use_cl, compile, forward_path(module).compiled_fn)  # an earlier compile is reused
+    vars(module)["_fidmed_forward_path"] = path  # not an attribute nn.Module would register as a submodule
+    return path
+
+
+def forward_path(module: Any) -> ForwardPath:
+    """The forward path :func:`set_forward_path` gave ``module``; else the module as it is, eager."""
+    path = vars(module).get("_fidmed_forward_path") if hasattr(module, "__dict__") else None
+    return path if isinstance(path, ForwardPath) else ForwardPath(module)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -133,6 +133,8 @@ def dinov2_state_dict(state: Mapping[str, torch.Tensor], grid: int) -> dict[str,
 class DINOv2ViT(NormalisedExtractor):
     """dgm-eval's DINOv2 feature: the final LayerNorm's CLS token."""
 
+    channels_last = True  # only the patch embedding is a convolution: fp32 features bit-identical
+
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
         super().__init__(setup, weights_path, IMAGENET_MEAN, IMAGENET_STD)
         size = setup.preprocessing.size
@@ -206,6 +208,8 @@ def open_clip_visual_state_dict(state: Mapping[str, torch.Tensor], net: nn.Modul
 
 class CLIPViT(NormalisedExtractor):
     """dgm-eval's CLIP feature (depth=0): ``ln_post`` of the CLS token, before the projection."""
+
+    channels_last = True  # only the patch embedding is a convolution: fp32 features bit-identical
 
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
         super().__init__(setup, weights_path, CLIP_MEAN, CLIP_STD)

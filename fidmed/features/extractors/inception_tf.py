@@ -235,6 +235,8 @@ class FIDInceptionV3(nn.Module):
 class InceptionTF(Extractor):
     """Extractor wrapper: [0, 255] input -> x/255 -> (x - 0.5)/0.5 -> FIDInceptionV3 pool3."""
 
+    channels_last = True  # fp32 features within float32 rounding of contiguous (fidmed.features.base)
+
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
         super().__init__(setup, weights_path)
         self.net = FIDInceptionV3()

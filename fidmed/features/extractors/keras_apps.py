@@ -68,6 +68,8 @@ def normalize(x: torch.Tensor, mode: str) -> torch.Tensor:
 class KerasNetExtractor(Extractor):
     """Keras-faithful network: normalise as Keras' ``preprocess_input`` does, then the pooled features."""
 
+    channels_last = True  # fp32 features within float32 rounding of contiguous (fidmed.features.base)
+
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None, arch: KerasArch, mode: str) -> None:
         super().__init__(setup, weights_path)
         self.arch_name = arch.name

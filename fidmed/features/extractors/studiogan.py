@@ -65,6 +65,8 @@ def make_resnet50() -> nn.Module:
 class TorchvisionCNN(NormalisedExtractor):
     """A torchvision classifier whose ``fc`` is replaced by Identity: its output is the input of fc."""
 
+    channels_last = True  # fp32 features within float32 rounding of contiguous (fidmed.features.base)
+
     def __init__(
         self,
         setup: ExtractorSetup,
@@ -239,6 +241,8 @@ def dino_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 class DINOViT(NormalisedExtractor):
     """DINO's linear-eval feature: the last ``n_last_blocks`` CLS tokens, each layer-normed, concatenated."""
 
+    channels_last = True  # only the patch embedding is a convolution: fp32 features bit-identical
+
     n_last_blocks = 4
 
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
@@ -306,6 +310,8 @@ def swin_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[s
 
 class SwinB(NormalisedExtractor):
     """Swin-B: mean over tokens of the final LayerNorm output (StudioGAN's ``forward_features``)."""
+
+    channels_last = True  # only the patch embedding is a convolution: fp32 features bit-identical
 
     def __init__(self, setup: ExtractorSetup, weights_path: Path | None) -> None:
         super().__init__(setup, weights_path)
