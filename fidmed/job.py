@@ -136,7 +136,24 @@ def evaluator_from_config(eval_cfg: Any, extractors: list[Any], real: Any, cache
         precision=eval_cfg.precision.value,
         metric_seed=eval_cfg.metric_seed,
         num_workers=eval_cfg.num_workers,
+        channels_last=eval_cfg.channels_last,
+        compile=eval_cfg.compile,
+        uncertainty=eval_cfg.get("uncertainty"),
+        audit=eval_cfg.get("audit"),
+        heldout=heldout_source(eval_cfg),
     )
+
+
+def heldout_source(eval_cfg: Any) -> Any:
+    """The held-out real split of the memorisation audit (``eval.audit.heldout``), or None."""
+    audit = eval_cfg.get("audit")
+    path = audit.get("heldout") if audit is not None else None
+    if not path:
+        return None
+    from fidmed.data.folder import ImageFolderDataset
+    from fidmed.evaluation.sources import DatasetSource
+
+    return DatasetSource(ImageFolderDataset(path, cache="none"))
 
 
 def quiet_libraries() -> None:
@@ -158,13 +175,19 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
     """The whole job. Returns the results payload (also written to ``<run_dir>/results.json``)."""
     quiet_libraries()
     from fidmed.data.datamodule import build_dataset
-    from fidmed.evaluation.results import format_results_table, results_table_rows, write_results_json
+    from fidmed.evaluation.results import (
+        format_results_table,
+        results_table_rows,
+        summary_values,
+        write_audit_files,
+        write_results_json,
+    )
     from fidmed.evaluation.sources import DatasetSource, GeneratorSource
     from fidmed.gan.callbacks import read_fd_history
     from fidmed.gan.checkpoint import load_generator
     from fidmed.gan.fingerprint import train_dir_for, training_fingerprint
     from fidmed.gan.train import check_training, launch_rank, train_or_reuse
-    from fidmed.tracking import build_tracker, image_grid
+    from fidmed.tracking import build_tracker, image_grid, log_audit_grids
 
     run_dir = Path(run_dir)
     check_job(cfg)
@@ -209,7 +232,7 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
             home = next(G.parameters()).device  # G_ema trains where the trainer put it; put it back afterwards
             G.to(evaluator.device)
             try:
-                recs = evaluator.evaluate(gen, desc=f"FD at {kimg:.2f} kimg")
+                recs = evaluator.evaluate(gen, desc=f"FD at {kimg:.2f} kimg", trust=False)
             finally:
                 G.to(home)
             return {f"{r.metric}/{r.label}": r.value for r in recs}
@@ -296,7 +319,9 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
             )
             rows, _ = results_table_rows(records)
             tracker.log_table("results", rows)
-            tracker.summary({f"{r.metric}/{r.label}": r.value for r in records})
+            write_audit_files(run_dir, records)  # per-image audit results and grids, paths into the records
+            tracker.summary(summary_values(records))
+            log_audit_grids(tracker, records)
         if rank != 0:  # DDP, stage=train: rank 0 writes the job's results.json
             exit_code = 0
             return {}

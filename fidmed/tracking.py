@@ -177,3 +177,34 @@ def image_grid(images_uint8: np.ndarray, columns: int | None = None) -> np.ndarr
         r, col = divmod(i, columns)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images_uint8[i].transpose(1, 2, 0)
     return grid[..., 0] if c == 1 else grid
+
+
+def log_audit_grids(tracker: Tracker, records: Any) -> None:
+    """The memorisation audit's closest pairs (generated left, nearest training image right) as W&B images, one
+    per feature space, and the audit summary as a table."""
+    rows = []
+    for r in records:
+        if r.metric != "copies":
+            continue
+        grid = r.arrays.get("grid")
+        if grid is not None:
+            pairs = r.details.get("closest") or []
+            tracker.log_images(
+                f"audit/{r.label}",
+                grid,
+                caption=f"{r.label}: the {len(pairs)} generated images closest to a training image (left) and that "
+                f"training image (right); lowest ratio {pairs[0]['ratio']:.3g}"
+                if pairs
+                else r.label,
+            )
+        rows.append(
+            {
+                "space": r.label,
+                "copies": r.value,
+                "n_flagged": r.details.get("n_flagged"),
+                "ratio_median": r.details.get("ratio_median"),
+                "grid": r.details.get("grid"),
+            }
+        )
+    if rows:
+        tracker.log_table("audit", rows)

@@ -864,3 +864,82 @@ def test_bootstrap_keeps_exact_ties_over_raters_and_images():
         assert {r["model"]: r["rank"] for r in a.tables["rankings"] if r["ranker"] == "diff"} == {"m1": 1.5, "m2": 1.5}
     assert out[1] == out[10]
     assert min(out[10].values()) > 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rank confidence and the memorisation audit (results evaluated with eval.uncertainty / eval.audit)
+
+
+def _write_trust_run(run_dir: Path, model: str, fds: dict, reps: dict, key: str = "k1", grid: Path | None = None):
+    from fidmed.metrics.uncertainty import RESAMPLERS, ResamplePlan, summarise
+
+    plan = ResamplePlan(len(next(iter(reps.values()))), seed=0)
+    info = RESAMPLERS.get("fd").info
+    ctx = {"modality": "ct", "augmentation": model, "generator": "g.pt", "kimg": 1.0}
+    recs = []
+    for ex, v in fds.items():
+        protocol = {"extractor": ex, "n_gen": 100, "n_real": 50, "random_init": False}
+        details = {"uncertainty": summarise(v, np.asarray(reps[ex]), info, "fd", plan, key)}
+        recs.append(MetricRecord(ex, ex.upper(), "fd", v, details, protocol, ctx))
+    for name, value in (("authenticity", 0.5), ("copies", 0.25 if model == "ada" else 0.0), ("ct", -4.0)):
+        recs.append(MetricRecord("pixels", "pixel space", name, value, {"grid": str(grid) if grid else None}, {}, ctx))
+    return write_results_json(run_dir / "results.json", recs, {"run_dir": str(run_dir), "modality": "ct"})
+
+
+def test_rank_confidence_beside_the_human_rankings(tmp_path):
+    from fidmed.analysis.report import build_report
+    from fidmed.metrics.uncertainty import rank_confidence
+
+    rng = np.random.default_rng(0)
+    fds = {"swav": FD["ct"]["swav"], "dino": [5.0, 5.1, 5.2, 5.3]}
+    # swav's models lie far apart relative to their replicates (the order holds), dino's within their noise
+    reps = {ex: [v + rng.normal(0, 0.05 if ex == "swav" else 1.0, 200) for v in fds[ex]] for ex in fds}
+    import PIL.Image
+
+    grid = tmp_path / "grid.png"
+    PIL.Image.fromarray(np.full((8, 20), 128, np.uint8)).save(grid)
+    for i, model in enumerate(MODELS):
+        _write_trust_run(
+            tmp_path / "runs" / model,
+            model,
+            {ex: fds[ex][i] for ex in fds},
+            {ex: reps[ex][i] for ex in fds},
+            grid=grid,
+        )
+    table = write_csv_rows(tmp_path / "results.csv", collect([tmp_path / "runs"]).rows, TIDY_COLUMNS)
+    a = analyze(load_results([table]), human_from_answers(make_answers({"ct": FP["ct"]})), metrics=["fd"], n_boot=10)
+    conf = {r["extractor"]: r for r in a.tables["ranking_confidence"]}
+    for ex in fds:
+        want = rank_confidence(fds[ex], np.stack(reps[ex]))
+        assert conf[ex]["p_ranking"] == pytest.approx(want.p_ranking)
+        pairs = [r for r in a.tables["rank_confidence"] if r["extractor"] == ex]
+        assert len(pairs) == 6 and all(
+            r["p_order"] == pytest.approx(want.pairs[(MODELS.index(r["ahead"]), MODELS.index(r["behind"]))])
+            for r in pairs
+        )
+    assert conf["swav"]["order"] == "holds" and conf["dino"]["order"] == "mostly noise"
+    corr = [r for r in a.tables["correlations"] if r["extractor"] == "dino"]
+    assert corr and all(r["order"] == "mostly noise" and r["p_ranking"] < 0.5 for r in corr)
+    assert {r["extractor"] for r in a.tables["audit"]} == {"pixels"} and len(a.tables["audit"]) == 4
+    assert "authenticity" not in a.coverage.metrics and "pixels" not in a.coverage.extractors
+    report = build_report(a, tmp_path / "report")
+    md = report.markdown_path.read_text()
+    assert "## Rank confidence" in md and "| P(ranking holds) |" in md and "(mostly noise)" in md
+    assert "± " in md  # values shown with their standard error beside the ranks
+    assert "## Memorisation audit" in md and "figures/audit_ct_ada_pixels.png" in md
+    assert (tmp_path / "report" / "figures" / "audit_ct_ada_pixels.png").is_file()
+
+
+def test_rank_confidence_needs_the_same_real_resample_for_every_model(tmp_path):
+    rng = np.random.default_rng(1)
+    for i, model in enumerate(MODELS):
+        _write_trust_run(
+            tmp_path / "runs" / model,
+            model,
+            {"swav": FD["ct"]["swav"][i]},
+            {"swav": FD["ct"]["swav"][i] + rng.normal(0, 0.1, 50)},
+            key="other" if model == "apa" else "k1",
+        )
+    a = analyze(collect([tmp_path / "runs"]).rows, metrics=["fd"])
+    assert "ranking_confidence" not in a.tables
+    assert any("redrew different real images" in n for n in a.notes)

@@ -25,6 +25,16 @@ errors that list what is missing; results for models without human scores are ke
 ``notes``; failed jobs (rows with ``status=failed`` from ``fidmed collect``) are listed in ``notes`` with their
 error, and the models they leave without a number are named by the coverage check.
 
+Rank confidence: where the results carry bootstrap replicates (``eval.uncertainty``: fidmed.metrics.uncertainty)
+and every model of a modality was evaluated with the same real resample (equal ``real_resample_key``: replicate r
+redrew the same real images for every model), each extractor's ranking gets the probability that each pairwise
+order and the whole ranking hold over the paired replicates (``rank_confidence`` and ``ranking_confidence``), and
+every correlation row the ranking's ``p_ranking`` and ``order`` verdict (``holds`` at 0.95 or more, ``mostly
+noise`` below 0.5, else ``uncertain``), so that no agreement with humans is read from an order that is mostly noise.
+
+Memorisation audit: the rows of the audit's numbers (authenticity, copies, ct, per extractor and ``pixels``) are not
+ranked; they form the ``audit`` table, with the files of the closest pairs.
+
 Random-init extractors: a number that came from a random-init extractor (``random_init`` true, or a label ending in
 ``[RANDOM-INIT]``, as results.json and ``fidmed collect`` record it) keeps that mark: every table row made from
 such numbers has ``random_init`` true, :attr:`Analysis.labels` names the extractor ``swav [RANDOM-INIT]`` for the
@@ -72,6 +82,8 @@ from fidmed.errors import DataError, FidmedError
 from fidmed.evaluation.results import RANDOM_BANNER
 
 METHODS = ("pearson", "spearman", "kendall")
+AUDIT_NUMBERS = ("authenticity", "copies", "ct")  # the memorisation audit's numbers (fidmed.metrics.memorisation)
+ORDER_HOLDS, ORDER_NOISE = 0.95, 0.5  # p_ranking at or above: "holds"; below: "mostly noise"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,6 +506,98 @@ def bootstrap_human(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Rank confidence (bootstrap replicates recorded with the results)
+
+
+def parse_replicates(cell: Any) -> np.ndarray | None:
+    """The replicates of a results row (``fidmed collect`` writes them space-separated); None when absent."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        return np.array([math.nan if v is None else float(v) for v in cell], dtype=np.float64)
+    text = str(cell).strip()
+    if not text:
+        return None
+    try:
+        return np.array([float(v) for v in text.split()], dtype=np.float64)
+    except ValueError:
+        raise DataError(f"a replicates cell is not a list of numbers: {text[:60]!r}...") from None
+
+
+def replicate_lookup(
+    results: Sequence[Mapping[str, Any]], model_column: str
+) -> dict[tuple[str, str, str, str], tuple[np.ndarray, str]]:
+    """(modality, metric, extractor, model) -> (replicates, real_resample_key) for rows that carry replicates."""
+    out = {}
+    for r in results:
+        reps = parse_replicates(r.get("replicates"))
+        if reps is None:
+            continue
+        key = tuple(str(r.get(c) or "") for c in ("modality", "metric", "extractor", model_column))
+        out[key] = (reps, str(r.get("real_resample_key") or ""))
+    return out
+
+
+def parse_float_or_none(cell: Any) -> float | None:
+    """A number from a results cell (float, or text from a CSV); None when empty or not a number."""
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return None
+    try:
+        v = float(cell)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def order_verdict(p_ranking: float) -> str:
+    if not math.isfinite(p_ranking):
+        return "n/a"
+    return "holds" if p_ranking >= ORDER_HOLDS else "mostly noise" if p_ranking < ORDER_NOISE else "uncertain"
+
+
+def _rank_confidence(
+    values: np.ndarray, keys: list[tuple[str, str, str, str]], reps: Mapping[tuple, tuple[np.ndarray, str]]
+) -> tuple[Any, str | None]:
+    """The extractor's rank confidence over paired replicates, or (None, why not)."""
+    from fidmed.metrics.uncertainty import rank_confidence
+
+    missing = [k[3] for k in keys if k not in reps]
+    if missing:
+        return None, f"no replicates for model(s) {', '.join(missing)} (evaluate with eval.uncertainty)"
+    resample = {reps[k][1] for k in keys}
+    if len(resample) > 1 or "" in resample:
+        return (
+            None,
+            "the models' replicates redrew different real images (eval.uncertainty seed, block size or real set)",
+        )
+    n = min(len(reps[k][0]) for k in keys)
+    return rank_confidence(values, np.stack([reps[k][0][:n] for k in keys]), lower_is_better=True), None
+
+
+def audit_table(rows: Sequence[Mapping[str, Any]], model_column: str) -> list[dict[str, Any]]:
+    """One row per (modality, model, feature space) of the memorisation audit's numbers and files."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (str(r.get("modality") or ""), str(r.get(model_column) or ""), str(r.get("extractor") or ""))
+        row = out.setdefault(
+            key,
+            {
+                "modality": key[0],
+                "model": key[1],
+                "extractor": key[2],
+                "random_init": is_random_init(r),
+                "grid": None,
+                "per_image": None,
+            },
+        )
+        row[str(r["metric"])] = float(r["value"])
+        for col in ("grid", "per_image"):
+            if r.get(col):
+                row[col] = r.get(col)
+    return [out[k] for k in sorted(out)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The analysis
 
 
@@ -538,7 +642,16 @@ def analyze(
     crits = criteria_from_names(criteria)
     failed = [r for r in results if is_failed(r)]
     results = [r for r in results if not is_failed(r)]
+    audit_rows = [r for r in results if str(r.get("metric")) in AUDIT_NUMBERS]
+    results = [r for r in results if str(r.get("metric")) not in AUDIT_NUMBERS]
     lookup = fd_lookup(results, model_column)
+    replicates = replicate_lookup(results, model_column)
+    spread = {  # (modality, metric, extractor, model) -> standard error, where the results have one
+        tuple(str(r.get(c) or "") for c in ("modality", "metric", "extractor", model_column)): parse_float_or_none(
+            r.get("se")
+        )
+        for r in results
+    }
     cov = check_coverage(lookup, human.models() if human else None, metrics, extractors, modalities)
     # which analysed numbers came from random-init extractors: (modality, metric, extractor, model) keys
     analysed = {(m, met, ex) for m in cov.modalities for met in cov.metrics for ex in cov.extractors}
@@ -587,6 +700,9 @@ def analyze(
         skipped = [m for m in human.models() if m not in cov.modalities]
         if skipped:
             notes.append(f"modalities with VTT scores but not analysed: {', '.join(skipped)}.")
+    if audit_rows:
+        tables["audit"] = audit_table(audit_rows, model_column)
+    unavailable: dict[str, list[str]] = defaultdict(list)  # why rank confidence is missing -> where
     tail = (1 - ci) / 2 * 100
     for modality in cov.modalities:
         models = cov.models[modality]
@@ -606,6 +722,41 @@ def analyze(
             tables["human_scores"].append(row)
         for metric in cov.metrics:
             fd = {ex: np.array([lookup[(modality, metric, ex, m)] for m in models]) for ex in cov.extractors}
+            confidence = {}
+            for ex in cov.extractors if replicates else []:
+                keys = [(modality, metric, ex, m) for m in models]
+                conf, why = _rank_confidence(fd[ex], keys, replicates)
+                if conf is None:
+                    unavailable[why].append(f"{modality}/{metric}/{ex}")
+                    continue
+                confidence[ex] = conf
+                tables["ranking_confidence"].append(
+                    {
+                        "modality": modality,
+                        "metric": metric,
+                        "extractor": ex,
+                        "random_init": any((modality, metric, ex, m) in random_keys for m in models),
+                        "n_models": len(models),
+                        "p_ranking": conf.p_ranking,
+                        "min_p_pair": min(conf.pairs.values(), default=math.nan),
+                        "order": order_verdict(conf.p_ranking),
+                        "n_replicates": conf.n_replicates,
+                    }
+                )
+                for (a, b), p in conf.pairs.items():
+                    tables["rank_confidence"].append(
+                        {
+                            "modality": modality,
+                            "metric": metric,
+                            "extractor": ex,
+                            "ahead": models[a],
+                            "behind": models[b],
+                            "value_ahead": float(fd[ex][a]),
+                            "value_behind": float(fd[ex][b]),
+                            "p_order": p,
+                            "n_replicates": conf.n_replicates,
+                        }
+                    )
             # an extractor's row is random-init when any number it was made from is
             rnd = {ex: any((modality, metric, ex, m) in random_keys for m in models) for ex in cov.extractors}
             for ex in cov.extractors:
@@ -618,6 +769,7 @@ def analyze(
                             "extractor": ex,
                             "model": model,
                             "value": float(value),
+                            "se": spread.get((modality, metric, ex, model)),
                             "random_init": is_rnd,
                         }
                     )
@@ -673,6 +825,9 @@ def analyze(
                             row[f"{method}_ci_high"] = float(np.percentile(ok, 100 - tail)) if ok.size else math.nan
                             row[f"{method}_boot_undefined"] = int(r.size - ok.size)
                     row["bootstrap"] = human.bootstrap_unit if n_boot > 0 else "none"
+                    if ex in confidence:  # how often the extractor's own ranking holds (its bootstrap replicates)
+                        row["p_ranking"] = confidence[ex].p_ranking
+                        row["order"] = order_verdict(confidence[ex].p_ranking)
                     row["n_boot"] = n_boot
                     tables["correlations"].append(row)
             # Agreement between extractors
@@ -706,7 +861,10 @@ def analyze(
                         **w,
                     }
                 )
+    for why, where in unavailable.items():
+        notes.append(f"rank confidence not available for {format_list(where, 6)}: {why}.")
     settings = {
+        "rank_confidence": {"holds": ORDER_HOLDS, "mostly_noise_below": ORDER_NOISE},
         "model_column": model_column,
         "metrics": cov.metrics,
         "criteria": [c.name for c in crits],

@@ -233,7 +233,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 "pearson_ci_high",
                 "spearman",
                 "kendall",
+                *(["p_ranking", "order"] if "ranking_confidence" in analysis.tables else []),
             ],
+        )
+    if "ranking_confidence" in analysis.tables:
+        _print_rows(
+            "How often each extractor's ranking holds (bootstrap replicates, same real resample for every model)",
+            labelled(analysis, analysis.tables["ranking_confidence"]),
+            ["modality", "metric", "extractor", "p_ranking", "order", "min_p_pair", "n_replicates"],
+        )
+    if "audit" in analysis.tables:
+        _print_rows(
+            "Memorisation audit",
+            labelled(analysis, analysis.tables["audit"]),
+            ["modality", "model", "extractor", "authenticity", "copies", "ct", "grid"],
         )
     _print_rows(
         "Agreement between extractors (Kendall's W)",

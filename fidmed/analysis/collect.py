@@ -6,6 +6,13 @@ numbers say so: ``inception_tf [RANDOM-INIT]``), metric, value, N generated / N 
 overrides, and ``protocol_sha256``, the sha256 of the record's full protocol as canonical JSON: two numbers are
 comparable only if their protocol hashes are equal.
 
+A number evaluated with ``eval.uncertainty`` also has its standard error ``se``, its interval ``ci_low``/``ci_high``
+(level ``ci_level``, kind ``ci_interval``), the sets resampled, the ``real_resample_key`` (equal for runs whose
+replicates redrew the same real images, so that ``fidmed analyze`` may pair them) and its ``replicates`` (space-
+separated, ``nan`` for a failed one). The memorisation audit's rows (metrics authenticity, copies, ct) name the
+files with every generated image's nearest training image (``per_image``) and the grid of the closest pairs
+(``grid``).
+
 Nothing is dropped silently. Every job folder (a folder with ``.hydra/``, ``overrides.txt``, ``results.json`` or
 ``error.txt``) below the given paths is visited: a folder without results is skipped and listed with the reason (no
 results.json; a failed job, with the first line of its ``error.txt``), and a failed job also becomes a row with
@@ -42,6 +49,11 @@ TIDY_COLUMNS = (
     "study_name",
     "metric",
     "value",
+    "se",
+    "ci_low",
+    "ci_high",
+    "ci_level",
+    "ci_interval",
     "status",
     "n_gen",
     "n_real",
@@ -55,6 +67,12 @@ TIDY_COLUMNS = (
     "results_file",
     "overrides",
     "error",
+    "n_replicates",
+    "resampled",
+    "real_resample_key",
+    "grid",
+    "per_image",
+    "replicates",
 )
 # What a results table needs for `fidmed analyze` (a hand-made table, e.g. the study's published FDs, may have
 # only these).
@@ -217,9 +235,30 @@ def rows_from_results(path: Path) -> list[dict[str, Any]]:
                 "results_file": str(path),
                 "overrides": overrides,
                 "error": None,
+                **uncertainty_columns((rec.get("details") or {}).get("uncertainty")),
+                "grid": (rec.get("details") or {}).get("grid"),
+                "per_image": (rec.get("details") or {}).get("per_image"),
             }
         )
     return rows
+
+
+def uncertainty_columns(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The tidy columns of a number's ``uncertainty`` entry (empty without one)."""
+    if not entry:
+        return {}
+    values = entry.get("values")
+    return {
+        "se": entry.get("se"),
+        "ci_low": entry.get("ci_low"),
+        "ci_high": entry.get("ci_high"),
+        "ci_level": entry.get("level"),
+        "ci_interval": entry.get("interval"),
+        "n_replicates": entry.get("replicates"),
+        "resampled": " ".join(entry.get("resampled") or []),
+        "real_resample_key": entry.get("real_resample_key"),
+        "replicates": None if values is None else " ".join("nan" if v is None else repr(float(v)) for v in values),
+    }
 
 
 def failed_job_row(folder: Path, error: str) -> dict[str, Any]:

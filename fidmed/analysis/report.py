@@ -9,6 +9,12 @@ FD-vs-human scatter plots (one panel per extractor and criterion, Pearson r and 
 Spearman agreement between extractors. The HTML embeds its figures as ``data:`` URIs, so the file
 can be mailed or archived alone. :func:`log_report_to_wandb` logs the same tables and figures to a W&B run.
 
+Rank confidence (results with bootstrap replicates): the ranking tables end with the probability that each
+extractor's whole ranking holds, values show their standard error (``12.3 ± 0.6``), a section lists every pairwise
+order with its probability, and the correlation table says for each extractor whether its order ``holds``, is
+``uncertain`` or ``mostly noise``. The memorisation audit (results with ``eval.audit``) gets a table and the grids
+of the closest pairs (copied into the report's figures).
+
 Random-init extractors: wherever an extractor is named (table cells and headings, figure labels) a random-init one
 is shown as ``swav [RANDOM-INIT]`` (:attr:`Analysis.labels`), the CSV tables keep the plain name with a
 ``random_init`` column, and the report opens with a banner saying that those numbers test the plumbing only.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,13 +285,31 @@ def ranking_table(analysis: Analysis, modality: str, metric: str) -> Table:
     models = analysis.coverage.models[modality]
     by = {(r["ranker"], r["model"]): r for r in rows}
     heading = {rk: analysis.label(rk) if by[(rk, models[0])]["kind"] == "extractor" else rk for rk in rankers}
+    se = {
+        (r["extractor"], r["model"]): r.get("se")
+        for r in analysis.tables["fd_values"]
+        if r["modality"] == modality and r["metric"] == metric
+    }
     out = []
     for model in models:
         row: dict[str, Any] = {"model": model}
         for rk in rankers:
             ranks = [by[(rk, m)]["rank"] for m in models]
             r = by[(rk, model)]
-            row[heading[rk]] = f"{fmt_rank(r['rank'], tied(ranks)[models.index(model)])} ({fmt(r['value'])})"
+            spread = se.get((rk, model))
+            value = fmt(r["value"]) + (f" ± {fmt(spread)}" if spread is not None else "")
+            row[heading[rk]] = f"{fmt_rank(r['rank'], tied(ranks)[models.index(model)])} ({value})"
+        out.append(row)
+    confidence = {
+        r["extractor"]: r
+        for r in analysis.tables.get("ranking_confidence", [])
+        if r["modality"] == modality and r["metric"] == metric
+    }
+    if confidence:
+        row = {"model": "P(ranking holds)"}
+        for rk in rankers:
+            if rk in confidence:
+                row[heading[rk]] = f"{fmt(confidence[rk]['p_ranking'])} ({confidence[rk]['order']})"
         out.append(row)
     return Table(
         f"rankings_{modality}_{metric}",
@@ -323,6 +348,45 @@ def random_init_banner(analysis: Analysis) -> list[str]:
 
 def _table(name: str, title: str, rows: list[dict[str, Any]], first: Sequence[str] = ()) -> Table:
     return Table(name, title, rows, columns_of(rows, first))
+
+
+def audit_section(analysis: Analysis, fig_dir: Path) -> Section:
+    """The memorisation audit: its numbers per model and feature space, and the grids of the closest pairs."""
+    rows = analysis.tables["audit"]
+    section = Section(
+        "Memorisation audit",
+        [
+            "For every generated image: its nearest training image and the ratio of that distance to the training "
+            "image's own nearest-neighbour distance. `authenticity` (Alaa et al. 2022): share of generated images "
+            "with ratio > 1; `copies`: share with ratio below the audit's threshold; `ct`: the data-copying test "
+            "C_T of Meehan et al. 2020 (<< 0, e.g. below -3: copying; needs a held-out real split). The grids show "
+            "the closest pairs, generated image left, nearest training image right.",
+        ],
+    )
+    section.tables.append(
+        _table(
+            "audit",
+            "Memorisation audit per model and feature space",
+            labelled(analysis, rows),
+            ["modality", "model", "extractor", "authenticity", "copies", "ct"],
+        )
+    )
+    for r in rows:
+        grid = Path(str(r.get("grid") or ""))
+        if r.get("grid") and grid.is_file():
+            name = "_".join(str(r[c]).replace("/", "_") for c in ("modality", "model", "extractor"))
+            dest = fig_dir / f"audit_{name}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, dest)
+            section.figures.append(
+                Figure(
+                    f"audit_{name}",
+                    f"{r['modality']} / {r['model']} / {analysis.label(r['extractor'])}: the generated images closest "
+                    "to a training image (left) and that training image (right)",
+                    dest,
+                )
+            )
+    return section
 
 
 def build_report(
@@ -371,6 +435,36 @@ def build_report(
             rank_section.tables.append(ranking_table(analysis, modality, metric))
     sections.append(rank_section)
 
+    if analysis.tables.get("ranking_confidence"):
+        conf = Section(
+            "Rank confidence",
+            [
+                "How often each ranking holds when the generated and real images are redrawn (bootstrap replicates "
+                "recorded with the results; replicate r redrew the same real images for every model, so the models "
+                "are compared on equal terms). `p_ranking`: the whole ranking holds; `p_order`: the model ahead stays "
+                f"ahead. An order `holds` at {s['rank_confidence']['holds']} or more and is `mostly noise` below "
+                f"{s['rank_confidence']['mostly_noise_below']}: agreement with humans read from such an order says "
+                "little.",
+            ],
+        )
+        conf.tables.append(
+            _table(
+                "ranking_confidence",
+                "Probability that each extractor's ranking holds",
+                labelled(analysis, analysis.tables["ranking_confidence"]),
+                ["modality", "metric", "extractor", "p_ranking", "order", "min_p_pair", "n_replicates"],
+            )
+        )
+        conf.tables.append(
+            _table(
+                "rank_confidence",
+                "Probability that each pairwise order holds",
+                labelled(analysis, analysis.tables["rank_confidence"]),
+                ["modality", "metric", "extractor", "ahead", "behind", "p_order"],
+            )
+        )
+        sections.append(conf)
+
     if has_human:
         corr_section = Section("FD against human judgement")
         corr_section.tables.append(
@@ -397,6 +491,7 @@ def build_report(
                     "kendall_p",
                     "kendall_ci_low",
                     "kendall_ci_high",
+                    *(["p_ranking", "order"] if analysis.tables.get("ranking_confidence") else []),
                 ],
             )
         )
@@ -446,6 +541,9 @@ def build_report(
                 Figure(f"agreement_{metric}", f"Spearman correlation of {metric.upper()} between extractors", path)
             )
     sections.append(agree)
+
+    if analysis.tables.get("audit"):
+        sections.append(audit_section(analysis, fig_dir))
 
     report = Report(title, out_dir, sections, banner=random_init_banner(analysis))
     for name, rows in analysis.tables.items():  # full-precision CSVs of every analysis table

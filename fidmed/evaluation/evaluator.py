@@ -24,8 +24,11 @@ from fidmed.evaluation.cache import StatsCache
 from fidmed.evaluation.pipeline import prepared_batches, resolve_workers
 from fidmed.evaluation.results import MetricRecord
 from fidmed.evaluation.sources import QUANTISATION, DatasetSource, GeneratorSource
+from fidmed.features.base import forward_path, set_forward_path
 from fidmed.metrics.base import METRICS, MetricInputs, MetricValue, resolve_metrics
+from fidmed.metrics.memorisation import PIXELS, PixelCopy, audit, audit_settings, closest_pairs_grid, pixel_vectors
 from fidmed.metrics.moments import StreamingMoments
+from fidmed.metrics.uncertainty import ResampleContext, metric_uncertainty, plan_from
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,10 @@ def collect_moments(
     ``workers``/``prefetch``: input pipeline threads and batches read ahead (:mod:`fidmed.evaluation.pipeline`;
     the result does not depend on them). Kept features are stored as the extractor returned them (float32, or
     bf16 widened exactly to float32), half the memory of float64; the moments are float64.
+
+    Each extractor runs through its forward path (:func:`fidmed.features.base.set_forward_path`, set by the
+    :class:`Evaluator`: channels_last where safe, optionally compiled; an extractor without one runs as it is);
+    a shared preprocessed batch is converted once per memory format its extractors use.
     """
     by_preprocessing: dict[Any, list[torch.nn.Module]] = defaultdict(list)
     for ex in extractors:
@@ -161,9 +168,13 @@ def collect_moments(
             idx_t = torch.as_tensor(indices, dtype=torch.int64)
             for spec, members in by_preprocessing.items():
                 x = batch.inputs[spec]
+                formatted: dict[bool, torch.Tensor] = {}  # channels_last? -> the batch in that memory format
                 for ex in members:
+                    path = forward_path(ex)
+                    if path.channels_last not in formatted:
+                        formatted[path.channels_last] = path.prepare(x)
                     with torch.no_grad(), forward_precision(precision, device):
-                        raw = ex(x)
+                        raw = path(formatted[path.channels_last])
                     # float32 (bf16 widens exactly) for the kept features; the moments widen to float64 themselves
                     feats = raw if raw.dtype in (torch.float32, torch.float64) else raw.to(torch.float32)
                     if not torch.isfinite(feats).all():
@@ -228,6 +239,12 @@ class Evaluator:
     route). ``precision``: fp32 | bf16 | tf32 for the extractor forward passes (moments and FD are float64
     always). ``num_workers``: threads that read and preprocess the next batches while the forward passes run
     ("auto": the usable CPUs, at most 16; 0: all in the main thread); results do not depend on it.
+    ``channels_last``: run the extractors that declare it safe in the channels_last memory format (their fp32
+    features equal the contiguous ones within float32 rounding, :data:`fidmed.features.base.CHANNELS_LAST_RTOL`,
+    not bit for bit); False (default): every extractor contiguous, as the reference implementations run them.
+    ``compile``: ``torch.compile`` each extractor's forward (features within
+    :data:`fidmed.features.base.COMPILE_RTOL` of eager; the first batch of each shape pays the compilation).
+    Like the device, both are set on the extractor modules here (:func:`fidmed.features.base.set_forward_path`).
 
     Distributed: construct and call on every rank of an initialised process group; each rank reads a disjoint
     shard and gets the single-process result (``collect_moments``). Rank 0 writes the real-statistics cache,
@@ -249,6 +266,11 @@ class Evaluator:
         metric_seed: int = 0,
         num_workers: int | str | None = "auto",
         prefetch: int = 2,
+        channels_last: bool = False,
+        compile: bool = False,
+        uncertainty: Any = None,
+        audit: Any = None,
+        heldout: DatasetSource | None = None,
     ) -> None:
         if not extractors:
             raise FidmedError("no extractor selected; choose one with extractor=NAME or extractor=[A,B].")
@@ -266,9 +288,21 @@ class Evaluator:
         self.prefetch = max(1, int(prefetch))
         if len(real) < 4:
             raise FidmedError(f"the real set has {len(real)} images; FD needs at least 4 (2 per split half).")
+        self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
         for ex in self.extractors:
             ex.to(self.device).eval()
+            set_forward_path(ex, channels_last=self.channels_last, compile=self.compile)
         self._real_stats: dict[str, RealStats] | None = None
+        # How far to trust a score (docs/metrics.md#uncertainty, #memorisation-audit): bootstrap replicates of every
+        # number and the memorisation audit, both from the features (and pixels) of the same pass.
+        self.uncertainty = plan_from(uncertainty)
+        self.audit = audit_settings(audit)
+        self.heldout = heldout
+        if heldout is not None and self.audit is None:
+            raise FidmedError("a held-out split is only read by the memorisation audit; set eval.audit.enabled=true.")
+        self._real_pixels: np.ndarray | None = None
+        self._heldout: dict[str, Any] | None = None
 
     @property
     def needs_real_features(self) -> bool:
@@ -277,6 +311,21 @@ class Evaluator:
     @property
     def needs_gen_features(self) -> bool:
         return any(METRICS.get(m).info.needs_gen_features for m in self.metrics)
+
+    @property
+    def _trust_keeps_gen(self) -> bool:
+        """The bootstrap and the audit read the generated features: kept whenever either is on."""
+        return self.uncertainty is not None or self.audit is not None
+
+    @property
+    def _trust_keeps_real(self) -> bool:
+        """The real features (and so the cache entry) are kept when the real set is resampled or audited against."""
+        return (self.uncertainty is not None and self.uncertainty.resample_real) or self.audit is not None
+
+    @property
+    def _pixel_size(self) -> int:
+        """Size of the images' pixel copy for the pixel-space audit (0: none kept)."""
+        return self.audit.pixel_size if self.audit is not None else 0
 
     # --------------------------------------------------------------------------------------------------
     def _real_record(self, ex) -> dict[str, Any]:
@@ -293,7 +342,13 @@ class Evaluator:
             "dtype": "float64",
             "selection": "first-N-by-index",
             "precision": self.precision,
-            "features_kept": bool(self.needs_real_features or (len(self.real) // 2) < ex.feature_dim),
+            # channels_last / compiled change the last bits of fp32 features: their caches are kept apart (the
+            # default contiguous eager path adds no key, so caches written before the option existed stay valid)
+            **({"forward_path": forward_path(ex).key} if forward_path(ex).key != "contiguous" else {}),
+            "features_kept": bool(
+                self.needs_real_features or (len(self.real) // 2) < ex.feature_dim or self._trust_keeps_real
+            ),
+            **({"pixel_size": self._pixel_size} if self._pixel_size else {}),
         }
 
     def real_stats(self) -> dict[str, RealStats]:
@@ -318,6 +373,8 @@ class Evaluator:
                 ]
                 full = _copy(parts[0]).merge(parts[1])
                 stats[ex.name] = RealStats(full, parts[0], parts[1], record, from_cache=True)
+                if "pixels" in arrays:  # the audit's pixel copy, cached with the statistics it was read with
+                    self._real_pixels = arrays["pixels"]
             else:
                 missing.append(ex)
         if world > 1:  # all ranks must agree on what to compute (a file may appear between two ranks' checks)
@@ -333,8 +390,9 @@ class Evaluator:
             # feature dimension: the exact FD route for n < d needs them (docs/metrics.md#frechet-distance).
             keep = {ex.name: self._real_record(ex)["features_kept"] for ex in missing}
             groups = split_groups(n, self.real_split_seed)
+            source = PixelCopy(self.real, self._pixel_size) if self._pixel_size else self.real
             halves = collect_moments(
-                self.real,
+                source,
                 missing,
                 self.batch_size,
                 self.device,
@@ -346,6 +404,8 @@ class Evaluator:
                 workers=self.num_workers,
                 prefetch=self.prefetch,
             )
+            if isinstance(source, PixelCopy):
+                self._real_pixels = source.images()
             for ex in missing:
                 a, b = halves[ex.name]
                 record = self._real_record(ex)
@@ -354,6 +414,8 @@ class Evaluator:
                 if record["manifest_sha256"] and rank == 0:
                     arrays = {f"a.{k}": v for k, v in a.state_dict().items()}
                     arrays.update({f"b.{k}": v for k, v in b.state_dict().items()})
+                    if self._real_pixels is not None:
+                        arrays["pixels"] = self._real_pixels
                     self.cache.save(record, arrays)
             if world > 1:
                 dist.barrier()  # the cache files exist (rank 0 wrote them atomically) before anyone goes on
@@ -384,9 +446,11 @@ class Evaluator:
             )
 
     def evaluate(
-        self, gen, context: dict[str, Any] | None = None, desc: str = "generated images"
+        self, gen, context: dict[str, Any] | None = None, desc: str = "generated images", trust: bool = True
     ) -> list[MetricRecord]:
-        """Every requested metric of ``gen`` (a GeneratorSource or DatasetSource) against the real set."""
+        """Every requested metric of ``gen`` (a GeneratorSource or DatasetSource) against the real set; with
+        ``trust`` (default), also the uncertainty of every number and the memorisation audit where configured
+        (``trust=False``: the FDs logged during training, which need neither)."""
         if isinstance(gen, GeneratorSource):
             self.check_generator(gen)
             shape = None
@@ -402,10 +466,17 @@ class Evaluator:
             shape = first
         real = self.real_stats()  # after the cheap checks: a mismatch is reported before any forward pass
         # Features are kept where a metric needs them or a set is smaller than the feature dimension (the exact
-        # n < d FD routes, fidmed.metrics.fd).
-        keep = {ex.name: self.needs_gen_features or len(gen) < ex.feature_dim for ex in self.extractors}
+        # n < d FD routes, fidmed.metrics.fd), and for the bootstrap and the audit (they never change a number:
+        # the FD routes do not depend on kept features, fidmed.metrics.fd.moments_for_fd).
+        plan, settings = (self.uncertainty, self.audit) if trust else (None, None)
+        keep = {
+            ex.name: self.needs_gen_features or len(gen) < ex.feature_dim or (trust and self._trust_keeps_gen)
+            for ex in self.extractors
+        }
+        pixels = self._pixel_size if trust else 0
+        source = PixelCopy(gen, pixels) if pixels else gen  # the audit's pixel copy, made in the same pass
         moments = collect_moments(
-            gen,
+            source,
             self.extractors,
             self.batch_size,
             self.device,
@@ -416,6 +487,8 @@ class Evaluator:
             workers=self.num_workers,
             prefetch=self.prefetch,
         )
+        gen_pixels = source.images() if isinstance(source, PixelCopy) else None
+        heldout = self._heldout_data() if settings is not None and self.heldout is not None else {}
         records: list[MetricRecord] = []
         ctx = context or {}
         for ex in self.extractors:
@@ -430,17 +503,128 @@ class Evaluator:
                 gen_features_fn=_index_ordered(g) if self.needs_gen_features else None,
                 real_features_fn=_index_ordered(r.full) if self.needs_real_features else None,
             )
+            values: list[MetricValue] = []
             for name in self.metrics:
                 inputs.options = self.metric_options[name]
-                values: list[MetricValue] = METRICS.get(name).obj(inputs)
-                for v in values:
+                for v in METRICS.get(name).obj(inputs):
                     inputs.results[v.name] = v
-                    records.append(
-                        MetricRecord(
-                            ex.name, ex.study_name, v.name, v.value, v.details, {**protocol, **v.protocol}, ctx
-                        )
-                    )
+                    values.append(v)
+            if plan is not None:
+                self._attach_uncertainty(g, r, inputs, values)
+            records += [
+                MetricRecord(ex.name, ex.study_name, v.name, v.value, v.details, {**protocol, **v.protocol}, ctx)
+                for v in values
+            ]
+            if settings is not None:
+                rows = (features_in_index_order(g), features_in_index_order(r.full), heldout.get(ex.name))
+                records += self._audit_records(ex.name, ex.study_name, protocol, *rows, gen, ctx)
+        if gen_pixels is not None:
+            rows = (pixel_vectors(gen_pixels), pixel_vectors(self._real_pixels), heldout.get(PIXELS))
+            records += self._audit_records(PIXELS, "pixel space", self._pixel_protocol(gen), *rows, gen, ctx)
         return records
+
+    def _attach_uncertainty(self, g: StreamingMoments, r: RealStats, inputs: MetricInputs, values) -> None:
+        """Every value's ``details["uncertainty"]``: its standard error, interval and replicates
+        (fidmed.metrics.uncertainty), from the features this pass kept."""
+        plan = self.uncertainty
+        rctx = ResampleContext(
+            inputs,
+            plan,
+            {v.name: v for v in values},
+            self.metric_options,
+            list(self.metrics),
+            gen_features=features_in_index_order(g),
+            real_features=features_in_index_order(r.full) if r.full.keep_features else None,
+            device=self.device,
+        )
+        key = plan.real_resample_key(self.real.description, r.full.count, self.real_split_seed)
+        entries = metric_uncertainty(rctx, key)
+        for v in values:  # a copy: metrics may share one details dict between their numbers (prdc does)
+            v.details = {**v.details, "uncertainty": entries[v.name]}
+
+    def _heldout_data(self) -> dict[str, np.ndarray]:
+        """Features (and the pixel copy) of the held-out real split, for C_T: one pass, all extractors."""
+        if self._heldout is not None:
+            return self._heldout
+        shape = self.image_shape()
+        first = tuple(next(iter(self.heldout.batches(1, [0])))[1].shape[1:])
+        if first != shape:
+            raise FidmedError(
+                f"the held-out images are {first} (C, H, W) but the real images {shape}; prepare the held-out split "
+                f"like the training set (`fidmed prepare`, same size and channels)."
+            )
+        h_sha, r_sha = (s.description.get("manifest_sha256") for s in (self.heldout, self.real))
+        if h_sha and h_sha == r_sha:
+            raise FidmedError(
+                "the held-out split (eval.audit.heldout) is the training set itself; give real images the generator "
+                "was not trained on."
+            )
+        if len(self.heldout) < 2:
+            raise FidmedError(f"the held-out split has {len(self.heldout)} image(s); C_T needs at least 2.")
+        source = PixelCopy(self.heldout, self._pixel_size) if self._pixel_size else self.heldout
+        got = collect_moments(
+            source,
+            self.extractors,
+            self.batch_size,
+            self.device,
+            True,
+            desc="held-out images",
+            precision=self.precision,
+            workers=self.num_workers,
+            prefetch=self.prefetch,
+        )
+        self._heldout = {ex.name: features_in_index_order(got[ex.name][0]) for ex in self.extractors}
+        if isinstance(source, PixelCopy):
+            self._heldout[PIXELS] = pixel_vectors(source.images())
+        return self._heldout
+
+    def _audit_records(
+        self, space, study_name, protocol, gen_rows, train_rows, heldout_rows, gen, ctx
+    ) -> list[MetricRecord]:
+        """The memorisation audit of one feature space as records (authenticity, copies, C_T); the per-image
+        result and the grid of the closest pairs ride along in ``MetricRecord.arrays`` for the writers."""
+        res = audit(gen_rows, train_rows, self.audit, self.device, space, heldout_rows, seed=self.metric_seed)
+        grid = closest_pairs_grid(gen, self.real, res.closest)
+        heldout = self.heldout.description if self.heldout is not None else None
+        proto = {
+            **protocol,
+            "audit": {
+                **self.audit.protocol(),
+                "space": space,
+                "heldout": None if heldout is None else heldout.get("name"),
+                "heldout_manifest_sha256": None if heldout is None else heldout.get("manifest_sha256"),
+                "n_heldout": None if self.heldout is None else len(self.heldout),
+            },
+        }
+        summary = res.summary()
+        numbers = (
+            ("authenticity", res.authenticity, {"definition": "share of generated images with ratio > 1"}),
+            ("copies", res.copies, {"definition": f"share of generated images with ratio < {res.threshold}"}),
+            ("ct", res.ct, res.ct_details),
+        )
+        arrays = {"audit": res, "grid": grid}
+        return [
+            MetricRecord(space, study_name, name, value, {**details, **summary}, proto, ctx, arrays=arrays)
+            for name, value, details in numbers
+        ]
+
+    def _pixel_protocol(self, gen) -> dict[str, Any]:
+        """The protocol of the pixel-space audit: the pass's, with the pixel copy in place of an extractor."""
+        real = self.real_stats()[self.extractors[0].name]
+        shape = self._real_pixels.shape[1:]
+        return {
+            **self.protocol(self.extractors[0], gen, real),
+            "extractor": PIXELS,
+            "weights": None,
+            "random_init": False,
+            "random_init_reason": None,
+            "feature_dim": int(np.prod(shape)),
+            "input_size": int(shape[-1]),
+            "resizer": "area-average",
+            "channels": int(shape[0]),
+            "forward_precision": None,
+            "forward_path": None,
+        }
 
     def protocol(self, ex, gen, real: RealStats) -> dict[str, Any]:
         """Everything that made a number: extractor, weights, input, resizer, quantisation, N, seeds."""
@@ -470,6 +654,7 @@ class Evaluator:
             "real_split_seed": self.real_split_seed,
             "stats_dtype": "float64",
             "forward_precision": self.precision,
+            "forward_path": forward_path(ex).key,  # contiguous (default) | channels_last, +compiled
             "metric_seed": self.metric_seed,
         }
 
