@@ -23,9 +23,9 @@ import fidmed.gan.loss as loss_module
 from fidmed.errors import FidmedError
 from fidmed.gan.loss import CompiledNetworks, StyleGAN2Loss
 from fidmed.gan.module import StyleGAN2Module
-from fidmed.gan.networks import Discriminator, Generator
 
-from helpers.training import cpu_trainer
+from helpers.training import TINY_MODEL as TINY
+from helpers.training import cpu_trainer, tiny_networks
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -40,35 +40,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def tiny_networks() -> tuple[Generator, Discriminator]:
-    """16 px, float16 blocks (float32 on the CPU), conv_clamp, noise inputs that matter."""
-    torch.manual_seed(0)
-    G = Generator(
-        z_dim=32,
-        c_dim=0,
-        w_dim=32,
-        img_resolution=16,
-        img_channels=1,
-        mapping_kwargs=dict(num_layers=2),
-        synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=2, conv_clamp=256),
-    )
-    D = Discriminator(
-        c_dim=0,
-        img_resolution=16,
-        img_channels=1,
-        channel_base=512,
-        channel_max=32,
-        num_fp16_res=2,
-        conv_clamp=256,
-        epilogue_kwargs=dict(mbstd_group_size=4),
-    )
-    with torch.no_grad():
-        for name, p in G.named_parameters():
-            if name.endswith("noise_strength"):
-                p.fill_(0.1)
-    return G.train(), D.train()
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,32 +140,6 @@ def test_compiled_phases_match_eager(backend):
 
 # --------------------------------------------------------------------------------------------------------
 # The module under a real Trainer.
-TINY = dict(
-    name="tiny",
-    z_dim=16,
-    w_dim=16,
-    mapping_layers=2,
-    channel_base=128,
-    channel_max=16,
-    num_fp16_res=0,
-    conv_clamp=None,
-    mbstd_group=4,
-    batch_size=8,
-    batch_chunk=4,
-    lr_g=0.002,
-    lr_d=0.002,
-    betas=[0.0, 0.99],
-    eps=1e-8,
-    ema_kimg=0.01,
-    ema_rampup=None,
-    style_mixing_prob=0.9,
-    r1_gamma=1.0,
-    pl_weight=2.0,
-    pl_batch_shrink=2,
-    pl_decay=0.01,
-    g_reg_interval=4,
-    d_reg_interval=16,
-)
 
 
 def one_step(compile: bool) -> StyleGAN2Module:

@@ -15,40 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from fidmed.gan.loss import PHASES, StyleGAN2Loss
-from fidmed.gan.networks import Discriminator, Generator
+
+from helpers.training import tiny_networks
 
 BATCH = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-def tiny_networks(c_dim: int = 0) -> tuple[Generator, Discriminator]:
-    torch.manual_seed(0)
-    G = Generator(
-        z_dim=32,
-        c_dim=c_dim,
-        w_dim=32,
-        img_resolution=16,
-        img_channels=1,
-        mapping_kwargs=dict(num_layers=2),
-        synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=2, conv_clamp=256),
-    )
-    D = Discriminator(
-        c_dim=c_dim,
-        img_resolution=16,
-        img_channels=1,
-        channel_base=512,
-        channel_max=32,
-        num_fp16_res=2,
-        conv_clamp=256,
-        epilogue_kwargs=dict(mbstd_group_size=4),
-    )
-    with torch.no_grad():  # noise_strength starts at zero; make the noise inputs matter
-        for name, p in G.named_parameters():
-            if name.endswith("noise_strength"):
-                p.fill_(0.1)
-    return G.train(), D.train()
 
 
 def rotate(images: torch.Tensor, angle: float = 0.4) -> torch.Tensor:

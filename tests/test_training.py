@@ -16,36 +16,10 @@ from omegaconf import OmegaConf, open_dict
 from fidmed.errors import ConfigError, FidmedError
 from fidmed.gan.module import StyleGAN2Module, training_phases
 
+from helpers.training import TINY_MODEL as TINY
 from helpers.training import cpu_trainer
 
 SMOKE = ["experiment=smoke", "logger=none"]
-
-TINY = dict(
-    name="tiny",
-    z_dim=16,
-    w_dim=16,
-    mapping_layers=2,
-    channel_base=128,
-    channel_max=16,
-    num_fp16_res=0,
-    conv_clamp=None,
-    mbstd_group=4,
-    batch_size=8,
-    batch_chunk=4,
-    lr_g=0.002,
-    lr_d=0.002,
-    betas=[0.0, 0.99],
-    eps=1e-8,
-    ema_kimg=0.01,
-    ema_rampup=None,
-    style_mixing_prob=0.9,
-    r1_gamma=1.0,
-    pl_weight=2.0,
-    pl_batch_shrink=2,
-    pl_decay=0.01,
-    g_reg_interval=4,
-    d_reg_interval=16,
-)
 
 
 def tiny_module(seed: int = 0, **over) -> StyleGAN2Module:
