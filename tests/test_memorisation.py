@@ -113,6 +113,10 @@ def test_audit_flags_planted_copies_and_not_a_clean_set(planted, tmp_path):
         grid = by[(space, "copies")].arrays["grid"]
         assert grid.shape == (4 * 36, 4 * (2 * 32 + 2 + 6))  # 16 pairs, 4 per row, gaps of 2 and 6 pixels
         assert np.array_equal(grid[2:34, 2:34], grid[2:34, 36:68])  # the closest pair: an exact copy, side by side
+    from fidmed.evaluation.results import format_results_table
+
+    table = format_results_table(records)
+    assert "Memorisation audit" in table and "n/a (no held-out real split" in table and "nan" not in table
     # one pass: every image read once, plus the 16 pairs of each space's grid (2 spaces) by index, and the first
     # image for the shape check that precedes any forward pass
     assert (gen_source.read, ev.real.read) == (len(gen) + 2 * 16 + 1, len(train) + 2 * 16 + 1)

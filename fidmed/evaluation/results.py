@@ -251,6 +251,7 @@ def format_results_table(records: Iterable[MetricRecord], title: str = "Results"
         for c in ("space", "authenticity", "copies", "flagged", "median ratio", "lowest ratio", "C_T"):
             aud.add_column(c, overflow="fold")
         values = {(r.extractor, r.metric): r.value for r in records}
+        ct_records = {r.extractor: r for r in records if r.metric == "ct"}
         for space, r in audited.items():
             closest = r.details.get("closest") or [{}]
             aud.add_row(
@@ -260,7 +261,16 @@ def format_results_table(records: Iterable[MetricRecord], title: str = "Results"
                 f"{r.details.get('n_flagged')} / {r.details.get('n_gen')} (ratio < {r.details.get('threshold')})",
                 _cell(r.details.get("ratio_median")),
                 _cell(closest[0].get("ratio")),
-                _cell(values.get((space, "ct"))),
+                _ct_cell(ct_records.get(space)),
             )
         out += _render(aud)
     return out + trust_note(records) + random_init_note(records)
+
+
+def _ct_cell(record: Any) -> str:
+    """C_T, or n/a and why (no held-out split, too few generated images per cell) where its value is NaN."""
+    value = None if record is None else record.value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        reason = (record.details.get("reason") if record is not None else None) or "not computed"
+        return f"n/a ({reason})"
+    return _cell(value)
