@@ -181,7 +181,7 @@ class StyleGAN2:
     g_reg_interval: int = 4
     d_reg_interval: int = 16
     #: torch.compile G and D for the passes differentiated once (G main, D main); the R1 and path-length passes stay
-    #: eager. Equal to eager within float32 rounding, not bitwise: true enters the training fingerprint
+    #: eager. Close to eager, not bitwise (benchmarks/results/train.md): true enters the training fingerprint
     compile: bool = False
 
 
