@@ -47,19 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STUDY_ELEVEN = [
-    "inception_tf",
-    "resnet",
-    "swav",
-    "dino",
-    "swin",
-    "irv2",
-    "densenet",
-    "radimagenet_inception",
-    "radimagenet_resnet",
-    "radimagenet_irv2",
-    "radimagenet_densenet",
-]
+
+def study_extractors() -> list[str]:
+    """The study's eleven extractors, as ``experiment=paper`` selects them (the one list of them)."""
+    from fidmed.config import compose_config
+
+    return list(compose_config(["experiment=paper"]).extractor)
 
 
 def phantom_folder(path: Path, n: int, seed: int, size: int = 256, blur: float = 0.0) -> Path:
@@ -379,7 +372,7 @@ def section_e(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real"), ap.add_argument("--gen")
-    ap.add_argument("--extractor", nargs="+", default=STUDY_ELEVEN)
+    ap.add_argument("--extractor", nargs="+", default=None, help="default: experiment=paper's eleven")
     ap.add_argument("--num", type=int, default=16, help="images per set for (a), (b), (d)")
     ap.add_argument("--parity-num", type=int, default=2000, help="images per set for (c)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -399,6 +392,7 @@ def main() -> None:
     ap.add_argument("--memory-run", default=None, help=argparse.SUPPRESS)  # (e)'s child process
     ap.add_argument("--only", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d", "e"])
     args = ap.parse_args()
+    args.extractor = args.extractor or study_extractors()
     if args.memory_run:
         return memory_run(args)
     if args.out:

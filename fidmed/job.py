@@ -144,6 +144,15 @@ def evaluator_from_config(eval_cfg: Any, extractors: list[Any], real: Any, cache
     )
 
 
+def generator_source(G: Any, eval_cfg: Any, num: int, device: Any, provenance: Any = None) -> Any:
+    """``num`` images of generator ``G`` made as ``eval`` says (seeds from ``eval.seed_start``, truncation, noise)."""
+    from fidmed.evaluation.sources import GeneratorSource
+
+    return GeneratorSource(
+        G, num, eval_cfg.seed_start, eval_cfg.truncation_psi, eval_cfg.noise_mode.value, device, provenance=provenance
+    )
+
+
 def heldout_source(eval_cfg: Any) -> Any:
     """The held-out real split of the memorisation audit (``eval.audit.heldout``), or None."""
     audit = eval_cfg.get("audit")
@@ -221,14 +230,7 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
         evaluator = evaluator_from_config(cfg.eval, extractors, real, cfg.paths.cache_dir)
 
         def evaluate_during_training(G, kimg):
-            gen = GeneratorSource(
-                G,
-                cfg.eval.num_gen_training,
-                cfg.eval.seed_start,
-                cfg.eval.truncation_psi,
-                cfg.eval.noise_mode.value,
-                evaluator.device,
-            )
+            gen = generator_source(G, cfg.eval, cfg.eval.num_gen_training, evaluator.device)
             home = next(G.parameters()).device  # G_ema trains where the trainer put it; put it back afterwards
             G.to(evaluator.device)
             try:
@@ -291,14 +293,8 @@ def run_job(cfg: Any, run_dir: str | Path, job_name: str = "fidmed") -> dict[str
                 "fingerprint": record.get("fingerprint"),
                 "source": record.get("source"),
             }
-            gen = GeneratorSource(
-                G,
-                cfg.eval.num_gen,
-                cfg.eval.seed_start,
-                cfg.eval.truncation_psi,
-                cfg.eval.noise_mode.value,
-                evaluator.device,
-                provenance=generator_provenance(generator_path, record),
+            gen = generator_source(
+                G, cfg.eval, cfg.eval.num_gen, evaluator.device, generator_provenance(generator_path, record)
             )
             context = {
                 "modality": cfg.modality.name,
