@@ -30,7 +30,7 @@ same modules eagerly. Inductor keeps the eager random number generator (``fallba
 inputs are the same draws as in eager mode; the fused kernels round differently, so compiled and eager results
 are close, not bit for bit (tests/test_compile.py states the tolerances for tiny networks; at 64-256 px the
 largest deviations, in the gradients of scalars and biases summed over every pixel of the last blocks, reach
-6e-4 to 3e-3 of such a tensor's largest gradient: benchmarks/results/train.md).
+6e-4 to 3e-3 of such a tensor's largest gradient: benchmarks/compile_grads.py, benchmarks/results/train.md).
 """
 
 from __future__ import annotations
